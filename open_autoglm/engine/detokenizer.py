@@ -1,0 +1,122 @@
+"""Streaming detokenization with stop strings.
+
+Two things are held back between steps, for two different reasons:
+
+| held back                        | why                                              | released when            |
+|----------------------------------|--------------------------------------------------|--------------------------|
+| tokens after `read_offset`       | their text ends in U+FFFD: a UTF-8 character is  | a later token completes  |
+|                                  | split across byte-level / byte-fallback tokens   | it, or finish()          |
+| text that is a prefix of a stop  | the next tokens may complete the stop string,    | the text stops matching, |
+| string (`_held_text`)            | which must never be partially emitted            | or finish()              |
+
+Text is defined as `tokenizer.decode(output_ids, skip_special_tokens=...)` (Hugging Face semantics,
+what transformers' TextStreamer prints): the concatenation of all deltas plus finish() equals it,
+up to stop-string truncation. In particular a SentencePiece ("▁") tokenizer's decoder drops the
+leading space of the first output token, as decode(output_ids) does; the prompt is not used as
+decoding context (vLLM does, and so keeps that space).
+"""
+
+from __future__ import annotations
+
+from open_autoglm.sampling_params import SamplingParams
+
+_REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for an incomplete UTF-8 byte sequence
+
+
+class IncrementalDetokenizer:
+    """Decodes one request's output tokens one at a time, in O(1) tokens per step.
+
+    Prefix/read-offset technique (as in HF TGI and vLLM): decode the window
+    ids[prefix_offset:] and the window ids[prefix_offset:read_offset], and emit the difference.
+    The small context window gives the new token the spacing and merges it gets in the full text
+    (a "▁" decoder strips the leading space of only the window's first token, which both decodes
+    share), while its cost does not grow with the output length.
+
+        ids:  ... | t_prefix ... t_read-1 | t_read ... t_last |
+                    └ already emitted ┘     └ new, pending ┘
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.num_prompt_tokens = len(prompt_token_ids)  # kept for callers; text starts at the output
+        self.output_token_ids: list[int] = []
+        self.output_text = ""  # everything emitted so far (after stop truncation)
+        self.stop_reason: str | None = None  # the stop string that ended the output, if any
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._held_text = ""  # decoded text withheld because it may begin a stop string
+        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+
+    def append(self, token_id: int) -> tuple[str, str | None]:
+        """Add one generated token; return (text that is now safe to emit, the stop string matched or None)."""
+        if self.stop_reason is not None:
+            return "", None  # the output already ended at a stop string
+        self.output_token_ids.append(token_id)
+        return self._emit(self._decode_new(final=False))
+
+    def finish(self) -> str:
+        """Text still held back, emitted when the request ends for another reason (length, eos, abort)."""
+        if self.stop_reason is not None:
+            return ""
+        delta, _ = self._emit(self._decode_new(final=True), final=True)
+        return delta
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.params.skip_special_tokens)
+
+    def _decode_new(self, final: bool) -> str:
+        """Text of the tokens after read_offset, or "" while it ends in a split character.
+
+        Offsets only move when text comes out, so held tokens stay in the next step's window.
+        """
+        ids = self.output_token_ids
+        if self._read_offset == len(ids):
+            return ""
+        prefix_text = self._decode(ids[self._prefix_offset:self._read_offset])
+        new_text = self._decode(ids[self._prefix_offset:])
+        if len(new_text) <= len(prefix_text) and not final:
+            return ""  # e.g. a skipped special token: keep it in the window for context
+        if new_text.endswith(_REPLACEMENT_CHAR) and not final:
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        return new_text[len(prefix_text):]
+
+    def _emit(self, delta: str, final: bool = False) -> tuple[str, str | None]:
+        """Run stop-string matching over held + new text; update output_text."""
+        text = self._held_text + delta
+        self._held_text = ""
+        match = self._find_stop(text)
+        if match is not None:
+            start, stop = match
+            end = start + len(stop) if self.params.include_stop_str_in_output else start
+            out, self.stop_reason = text[:end], stop
+        elif final:
+            out = text
+        else:
+            safe_len = self._safe_len(text)
+            out, self._held_text = text[:safe_len], text[safe_len:]
+        self.output_text += out
+        return out, self.stop_reason
+
+    def _find_stop(self, text: str) -> tuple[int, str] | None:
+        """Earliest stop string in `text` (ties: the longer one), as (start index, stop string).
+
+        Searching only held + new text suffices: emitted text never ends with a stop-string prefix.
+        """
+        best: tuple[int, str] | None = None
+        for stop in self.params.stop:
+            start = text.find(stop)
+            if start < 0:
+                continue
+            if best is None or start < best[0] or (start == best[0] and len(stop) > len(best[1])):
+                best = (start, stop)
+        return best
+
+    def _safe_len(self, text: str) -> int:
+        """Length of the head of `text` that cannot be the start of a stop string."""
+        for start in range(max(0, len(text) - self._max_stop_len + 1), len(text)):
+            tail = text[start:]
+            if any(stop.startswith(tail) for stop in self.params.stop):
+                return len(text)
+        return len(text)

@@ -1,0 +1,213 @@
+"""The synchronous engine: requests in, one `step()` at a time, RequestOutputs out.
+
+    step():  scheduler.schedule() -> runner.execute() -> sampler() -> .tolist() -> finish checks
+
+Everything that changes engine state (adding, aborting, updating weights) happens between steps
+on the thread that calls `step()`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from open_autoglm.attention import get_attention_backend
+from open_autoglm.config import EngineConfig
+from open_autoglm.engine.block_manager import BlockManager
+from open_autoglm.engine.detokenizer import IncrementalDetokenizer
+from open_autoglm.engine.request import Request, RequestOutput, RequestStatus
+from open_autoglm.engine.scheduler import Scheduler, SchedulerOutput
+from open_autoglm.errors import RequestError
+from open_autoglm.models.loader import build_model, open_source, resolve_dtype
+from open_autoglm.sample import Sampler
+from open_autoglm.sampling_params import SamplingParams
+from open_autoglm.worker.model_runner import ModelRunner
+from open_autoglm.worker.version import folder_version
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RequestError("device", "device 'cuda' asked for, but no CUDA GPU is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **options) -> None:
+        from open_autoglm.models.catalog import resolve_model
+
+        self.config = config or EngineConfig.from_options(**options)
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.device = resolve_device(cfg.device)
+        self.model_path = resolve_model(cfg.model, cfg.model_cache_dir)
+        source = open_source(self.model_path)
+        self.hf_config = source.hf_config
+        self.tokenizer = source.tokenizer
+        self.eos_token_ids = source.eos_token_ids
+        self.dtype = resolve_dtype(cfg.dtype, self.device, self.hf_config)
+        self.attention = get_attention_backend(cfg.attention_backend, self.device)
+        self.model = build_model(source, self.dtype, self.device, self.attention)
+        self.load_seconds = time.perf_counter() - t0
+        context_len = self.hf_config.max_position_embeddings
+        self.max_model_len = min(cfg.max_model_len or context_len, context_len)
+        self.runner = ModelRunner(self.model, self.hf_config, self.device, self.dtype, cfg.block_size)
+        warmup = min(cfg.max_num_batched_tokens, self.max_model_len)
+        num_blocks = self.runner.init_kv_cache(cfg.num_kv_blocks, cfg.gpu_memory_utilization, cfg.kv_cache_bytes,
+                                               warmup if self.device.type == "cuda" else min(warmup, 64))
+        if num_blocks == 0:
+            raise RequestError("gpu_memory_utilization", "no memory left for the KV cache; raise it or lower max_num_batched_tokens")
+        self.version = folder_version(self.model_path)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, self.version)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.sampler = Sampler(seed=cfg.seed)
+        self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+        logger.info(
+            "engine ready: %s (%s, %s) on %s in %.1fs; KV cache %d blocks = %d tokens, max concurrency %.1f at %d tokens",
+            self.model_path, type(self.model).__name__, self.dtype, self.device, self.load_seconds, num_blocks,
+            num_blocks * cfg.block_size, num_blocks * cfg.block_size / self.max_model_len, self.max_model_len,
+        )
+
+    # -- requests -------------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        prompt_ids = self._prompt_ids(prompt)
+        self._check_fits(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise RequestError("request_id", f"{request_id!r} is already in use")
+        request = Request(request_id, prompt_ids, params, eos_token_ids=self.eos_token_ids,
+                          prompt=prompt if isinstance(prompt, str) else None, version=self.version)
+        self.requests[request_id] = request
+        self.num_prompt_tokens_total += len(prompt_ids)
+        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
+        self.scheduler.add(request)
+        return request_id
+
+    def _prompt_ids(self, prompt: str | list[int] | None) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt", "prompt is empty")
+            return self.tokenize(prompt)
+        if not prompt:
+            raise RequestError("prompt", "prompt is empty")
+        vocab = self.hf_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise RequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        return list(prompt)
+
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError("prompt", f"prompt has {len(prompt_ids)} tokens; max_model_len is "
+                                         f"{self.max_model_len}, which leaves no room to generate")
+        total = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        needed = self.block_manager.blocks_needed(total)
+        if needed > self.block_manager.num_blocks:
+            raise RequestError("max_tokens", f"prompt + max_tokens = {total} tokens needs {needed} KV blocks, but the "
+                                             f"cache holds {self.block_manager.num_blocks}; lower max_tokens")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        return self._finish_output(request, [], "", None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty():
+            return []
+        try:
+            logits, sampling = self.runner.execute(batch)
+            sampled = self.sampler(logits, sampling)
+            token_ids = sampled.token_ids.tolist()  # the one host sync per step
+            logprobs = sampled.logprobs_list() if sampled.logprobs is not None else [None] * len(sampling)
+        except Exception as e:  # a failed forward ends the requests it carried, not the engine
+            logger.exception("engine step failed")
+            return self._fail(batch, f"{type(e).__name__}: {e}")
+        self.scheduler.update(batch)
+        return [self._append_token(r, t, lp) for r, t, lp in zip(sampling, token_ids, logprobs)]
+
+    def _append_token(self, request: Request, token_id: int, logprob: dict | None) -> RequestOutput:
+        now = time.monotonic()
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.output_token_ids.append(token_id)
+        if logprob is not None:
+            request.output_logprobs.append(logprob)
+        self.num_generation_tokens_total += 1
+        params = request.sampling_params
+        new_text, stop_str = self.detokenizers[request.request_id].append(token_id)
+        status = None
+        if stop_str is not None:
+            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        elif token_id in request.eos_token_ids and not params.ignore_eos:
+            status = RequestStatus.FINISHED_STOPPED
+        elif token_id in params.stop_token_ids:
+            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token_id
+        elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        lp = [logprob] if logprob is not None else []
+        if status is None:
+            return self._output(request, [token_id], new_text, lp)
+        self.scheduler.finish(request, status)
+        return self._finish_output(request, [token_id], new_text, lp)
+
+    def _fail(self, batch: SchedulerOutput, error: str) -> list[RequestOutput]:
+        outputs = []
+        for request, _ in batch.scheduled:
+            request.error = error
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+            outputs.append(self._finish_output(request, [], "", None))
+        return outputs
+
+    def _finish_output(self, request: Request, new_ids: list[int], new_text: str, lp) -> RequestOutput:
+        detok = self.detokenizers.pop(request.request_id)
+        if request.status != RequestStatus.FINISHED_STOPPED or request.stop_reason is None or not isinstance(request.stop_reason, str):
+            new_text += detok.finish()
+        self.requests.pop(request.request_id, None)
+        self.sampler.forget(request.request_id)
+        out = self._output(request, new_ids, new_text, lp or [])
+        out.text = detok.output_text
+        return out
+
+    def _output(self, request: Request, new_ids: list[int], new_text: str, lp: list) -> RequestOutput:
+        detok = self.detokenizers.get(request.request_id)
+        return RequestOutput(
+            request_id=request.request_id, new_token_ids=new_ids, new_text=new_text,
+            text=detok.output_text if detok else "", output_token_ids=request.output_token_ids,
+            prompt_token_ids=request.prompt_token_ids, finished=request.status.finished,
+            finish_reason=request.finish_reason, stop_reason=request.stop_reason, new_logprobs=lp,
+            num_cached_tokens=request.num_cached_tokens, version=request.version, error=request.error,
+            arrival_time=request.arrival_time, first_scheduled_time=request.first_scheduled_time,
+            first_token_time=request.first_token_time,
+        )
+
+    # -- stats ----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": bm.usage, "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
+            "prefix_cache_queries": bm.num_queries, "prefix_cache_hits": bm.num_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens": self.num_prompt_tokens_total, "generation_tokens": self.num_generation_tokens_total,
+        }
