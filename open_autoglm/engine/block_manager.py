@@ -25,6 +25,7 @@ import xxhash
 
 class _Seq(Protocol):
     request_id: str
+    version: str  # weights version the sequence's KV is computed under
     block_ids: list[int]
     num_computed_tokens: int
 
@@ -37,8 +38,7 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 weights_version: str = "") -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -47,15 +47,8 @@ class BlockManager:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}            # block hash -> block id
         self.seq_hashes: dict[str, list[bytes]] = {}  # request id -> hashes of its full blocks
-        self.set_weights_version(weights_version)
         self.num_queries = 0  # prefix-cache lookups (tokens asked for), for metrics
         self.num_hits = 0     # tokens found
-
-    # -- versions -----------------------------------------------------------------------------
-    def set_weights_version(self, version: str) -> None:
-        """Seed the hash chain with a new version: nothing cached before can match after."""
-        self.root_hash = xxhash.xxh3_128_digest(b"weights:" + version.encode())
-        self.seq_hashes.clear()
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -130,6 +123,10 @@ class BlockManager:
         seq.block_ids = []
         self.seq_hashes.pop(seq.request_id, None)
 
+    def forget_hashes(self, seq: _Seq) -> None:
+        """Call when `seq` moves to another weights version (its KV will be recomputed)."""
+        self.seq_hashes.pop(seq.request_id, None)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that nobody references (e.g. after a weights update)."""
         for block_id in self.free_queue:
@@ -154,6 +151,11 @@ class BlockManager:
         hashes = self.seq_hashes.setdefault(seq.request_id, [])
         while len(hashes) < num_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else self.root_hash
+            parent = hashes[-1] if hashes else root_hash(seq.version)
             hashes.append(hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size]))
         return hashes
+
+
+def root_hash(version: str) -> bytes:
+    """The chain's seed: the weights version, so KV of one version never matches another."""
+    return xxhash.xxh3_128_digest(b"weights:" + version.encode())

@@ -73,14 +73,14 @@ class IncrementalDetokenizer:
         ids = self.output_token_ids
         if self._read_offset == len(ids):
             return ""
-        prefix_text = self._decode(ids[self._prefix_offset:self._read_offset])
-        new_text = self._decode(ids[self._prefix_offset:])
+        prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) and not final:
             return ""  # e.g. a skipped special token: keep it in the window for context
         if new_text.endswith(_REPLACEMENT_CHAR) and not final:
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(ids)
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]
 
     def _emit(self, delta: str, final: bool = False) -> tuple[str, str | None]:
         """Run stop-string matching over held + new text; update output_text."""
@@ -118,5 +118,5 @@ class IncrementalDetokenizer:
         for start in range(max(0, len(text) - self._max_stop_len + 1), len(text)):
             tail = text[start:]
             if any(stop.startswith(tail) for stop in self.params.stop):
-                return len(text)
+                return start
         return len(text)

@@ -64,7 +64,7 @@ class LLMEngine:
         if num_blocks == 0:
             raise RequestError("gpu_memory_utilization", "no memory left for the KV cache; raise it or lower max_num_batched_tokens")
         self.version = folder_version(self.model_path)
-        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, self.version)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.sampler = Sampler(seed=cfg.seed)
         self.requests: dict[str, Request] = {}

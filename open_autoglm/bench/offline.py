@@ -1,0 +1,135 @@
+"""`autoglm bench throughput`: offline generation throughput, with peers run on the same workload.
+
+Workload: N random-token prompts of L tokens, exactly M output tokens each (EOS ignored), as in
+vLLM's benchmark_throughput. Peers run in the same invocation so the ratio is like for like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+
+from open_autoglm.cli_args import add_engine_args, engine_config_from_args
+
+PEERS = ("hf",)
+
+
+@dataclass
+class ThroughputResult:
+    system: str
+    num_prompts: int
+    input_len: int
+    output_len: int
+    seconds: float
+    output_tokens: int
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def total_tok_s(self) -> float:
+        return self.num_prompts * (self.input_len + self.output_len) / self.seconds
+
+
+def random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Stay clear of the low ids, where special tokens usually live.
+    return [[rng.randrange(min(1000, vocab_size // 2), vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+
+
+def run_ours(llm, prompts: list[list[int]], output_len: int) -> ThroughputResult:
+    from open_autoglm.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    seconds = time.perf_counter() - start
+    produced = sum(len(o.output_token_ids) for o in outputs)
+    return ThroughputResult("open-autoglm", len(prompts), len(prompts[0]), output_len, seconds, produced)
+
+
+def run_hf_generate_batch(model_path: str, prompts: list[list[int]], output_len: int, device: str, dtype) -> ThroughputResult:
+    """transformers' continuous batching (`generate_batch`, paged|sdpa attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="paged|sdpa").to(device).eval()
+    # No eos_token_id: every request yields exactly output_len tokens.
+    gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False,
+                                                                                      eos_token_id=None, pad_token_id=0))
+        start = time.perf_counter()
+        results = model.generate_batch(inputs=prompts, generation_config=gen)
+        seconds = time.perf_counter() - start
+    produced = sum(len(r.generated_tokens) for r in results.values())
+    return ThroughputResult("transformers generate_batch", len(prompts), len(prompts[0]), output_len, seconds, produced)
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    import torch
+
+    from open_autoglm.llm import LLM
+
+    llm = LLM(config=engine_config_from_args(args))
+    engine = llm.engine
+    prompts = random_prompts(args.num_prompts, args.input_len, engine.hf_config.vocab_size, args.seed)
+    results = [run_ours(llm, prompts, args.output_len)]
+    if "hf" in (args.peer or []):
+        model_path = str(engine.model_path)
+        del llm, engine
+        results.append(run_hf_generate_batch(model_path, prompts, args.output_len, args.peer_device or
+                                             ("cuda" if torch.cuda.is_available() else "cpu"), results and _dtype(args)))
+    report = _report(results, args)
+    _print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def _dtype(args):
+    import torch
+
+    if args.dtype in (None, "auto"):
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, args.dtype)
+
+
+def _report(results: list[ThroughputResult], args) -> dict:
+    import torch
+
+    return {
+        "results": [asdict(r) | {"output_tok_s": r.output_tok_s, "total_tok_s": r.total_tok_s} for r in results],
+        "ratios": {r.system: results[0].output_tok_s / r.output_tok_s for r in results[1:]},
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+    }
+
+
+def _print_table(results: list[ThroughputResult]) -> None:
+    ours = results[0]
+    print(f"\n{'system':<30} {'seconds':>9} {'out tok/s':>11} {'total tok/s':>12} {'ours / peer':>12}")
+    for r in results:
+        ratio = f"{ours.output_tok_s / r.output_tok_s:.2f}x" if r is not ours else "-"
+        print(f"{r.system:<30} {r.seconds:>9.2f} {r.output_tok_s:>11.1f} {r.total_tok_s:>12.1f} {ratio:>12}")
+
+
+def add_bench_throughput_parser(subparsers) -> None:
+    p = subparsers.add_parser("throughput", help="offline throughput on random prompts, optionally against peers")
+    p.add_argument("--num-prompts", type=int, default=64, help="number of requests")
+    p.add_argument("--input-len", type=int, default=128, help="prompt length in tokens")
+    p.add_argument("--output-len", type=int, default=128, help="output length in tokens (EOS ignored)")
+    p.add_argument("--peer", action="append", choices=PEERS, help="also run this peer on the same workload (repeatable)")
+    p.add_argument("--peer-device", default=None, help="device for peers (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--json", default=None, help="write the report here")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_bench_throughput)
