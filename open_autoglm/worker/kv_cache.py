@@ -50,6 +50,7 @@ def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) 
     """One (k, v) pair per layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
     shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
     return [
-        (torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
+        # Unwritten slots are never read (attention masks by sequence length), so no need to zero them.
+        (torch.empty(shape, dtype=spec.dtype, device=device), torch.empty(shape, dtype=spec.dtype, device=device))
         for _ in range(spec.num_layers)
     ]
