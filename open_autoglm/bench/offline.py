@@ -62,12 +62,13 @@ def run_hf_generate_batch(model_path: str, prompts: list[list[int]], output_len:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="paged|sdpa").to(device).eval()
     # No eos_token_id: every request yields exactly output_len tokens.
     gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False,
-                                                                                      eos_token_id=None, pad_token_id=0))
-        start = time.perf_counter()
-        results = model.generate_batch(inputs=prompts, generation_config=gen)
-        seconds = time.perf_counter() - start
+    # No inference_mode here: generate_batch runs its loop on a thread of its own and resets
+    # its static tensors in place, which inference tensors forbid.
+    model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False,
+                                                                                  eos_token_id=None, pad_token_id=0))
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=gen)
+    seconds = time.perf_counter() - start
     produced = sum(len(r.generated_tokens) for r in results.values())
     return ThroughputResult("transformers generate_batch", len(prompts), len(prompts[0]), output_len, seconds, produced)
 
@@ -85,7 +86,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
         model_path = str(engine.model_path)
         del llm, engine
         results.append(run_hf_generate_batch(model_path, prompts, args.output_len, args.peer_device or
-                                             ("cuda" if torch.cuda.is_available() else "cpu"), results and _dtype(args)))
+                                             ("cuda" if torch.cuda.is_available() else "cpu"), _dtype(args)))
     report = _report(results, args)
     _print_table(results)
     if args.json:

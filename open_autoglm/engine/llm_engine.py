@@ -196,6 +196,7 @@ class LLMEngine:
             text=detok.output_text if detok else "", output_token_ids=request.output_token_ids,
             prompt_token_ids=request.prompt_token_ids, finished=request.status.finished,
             finish_reason=request.finish_reason, stop_reason=request.stop_reason, new_logprobs=lp,
+            output_logprobs=request.output_logprobs,
             num_cached_tokens=request.num_cached_tokens, version=request.version, error=request.error,
             arrival_time=request.arrival_time, first_scheduled_time=request.first_scheduled_time,
             first_token_time=request.first_token_time,

@@ -84,6 +84,7 @@ class RequestOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     new_logprobs: list[dict] = field(default_factory=list)
+    output_logprobs: list[dict] = field(default_factory=list)  # every token's so far (when asked)
     num_cached_tokens: int = 0
     version: str = ""
     error: str | None = None

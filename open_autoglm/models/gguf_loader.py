@@ -47,11 +47,7 @@ _ARCHITECTURES: dict[str, tuple[str, str, bool]] = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
 }
 
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -115,13 +111,6 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _required(reader: gguf.GGUFReader, path: Path, key: str) -> Any:
-    value = _field(reader, key)
-    if value is None:
-        raise ModelLoadError(f"{path}: GGUF metadata lacks {key!r}")
-    return value
-
-
 def _f32(value: float) -> float:
     """The shortest decimal that reads back as the same float32 (1e-05, not 9.999999747378752e-06)."""
     return float(str(np.float32(value)))
@@ -136,7 +125,9 @@ def _build_config(reader: gguf.GGUFReader, path: Path) -> dict:
         return _field(reader, f"{arch}.{key}", default)
 
     def need(key: str) -> Any:
-        return _required(reader, path, f"{arch}.{key}")
+        if (value := get(key)) is None:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks '{arch}.{key}'")
+        return value
 
     hidden_size, num_heads = int(need("embedding_length")), int(need("attention.head_count"))
     num_kv_heads = get("attention.head_count_kv", num_heads)
@@ -189,7 +180,7 @@ def _generation_config(reader: gguf.GGUFReader, config: dict) -> dict:
     return generation
 
 
-def _build_tokenizer(path: Path, config: dict) -> PreTrainedTokenizerFast:
+def _build_tokenizer(path: Path, reader: gguf.GGUFReader, config: dict) -> PreTrainedTokenizerFast:
     """The fast tokenizer the metadata describes, built by transformers' GGUF converters.
 
     transformers prefers a tokenizer.json / tokenizer_config.json next to the GGUF over the GGUF's own
@@ -203,11 +194,33 @@ def _build_tokenizer(path: Path, config: dict) -> PreTrainedTokenizerFast:
             tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name, local_files_only=True)
         except Exception as e:
             raise ModelLoadError(f"{path}: cannot build the tokenizer from GGUF metadata ({e})") from e
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    _drop_invented_tokens(tokenizer, len(tokens.data) if tokens is not None else len(tokenizer))
     tokenizer.name_or_path = str(path)  # not the temporary folder
     tokenizer.model_max_length = config["max_position_embeddings"]
     for key in ("is_local", "local_files_only"):  # loading details, not tokenizer settings
         tokenizer.init_kwargs.pop(key, None)
     return tokenizer
+
+
+def _drop_invented_tokens(tokenizer: PreTrainedTokenizerFast, num_tokens: int) -> None:
+    """Remove added tokens with ids past the file's vocabulary.
+
+    transformers builds byte-level GGUF vocabularies with GPT-2's class, which adds `<|endoftext|>` as
+    its default unk/bos/eos when the vocabulary lacks it (Llama 3's does): an id the embedding table
+    does not have.
+    """
+    if len(tokenizer) <= num_tokens:
+        return
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    invented = {t["content"] for t in state["added_tokens"] if t["id"] >= num_tokens}
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["id"] < num_tokens]
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))  # the backend holds the vocabulary
+    for attr in ("unk_token", "bos_token", "eos_token", "pad_token"):
+        if getattr(tokenizer, attr) in invented:
+            setattr(tokenizer, attr, None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,7 +303,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     path, reader = _open(path)
     config = _build_config(reader, path)
     config["torch_dtype"] = str(_storage_dtype(_plan(reader, path, config))).removeprefix("torch.")
-    return GGUFModel(config, _generation_config(reader, config), _build_tokenizer(path, config))
+    return GGUFModel(config, _generation_config(reader, config), _build_tokenizer(path, reader, config))
 
 
 def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
@@ -376,7 +389,7 @@ def gguf_to_hf_folder(
     plans = _plan(reader, path, config)
     dtype = _storage_dtype(plans)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    tokenizer = _build_tokenizer(path, config)
+    tokenizer = _build_tokenizer(path, reader, config)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
