@@ -17,6 +17,7 @@ DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 LOAD_STRATEGIES = ("prewarm", "lazy", "resident")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -45,6 +46,7 @@ class EngineConfig:
     seed: int = _opt(0, "seed for requests that give none")
     model_cache_dir: str | None = _opt(None, "where pulled models live (default: ~/.cache/open-autoglm)")
     load_strategy: str = _opt("prewarm", "prewarm: load and warm up at start; lazy: on first request; resident: keep versions loaded", LOAD_STRATEGIES)
+    load_format: str = _opt("auto", "auto: read the checkpoint; dummy: random weights of the right shapes (benchmarks)", LOAD_FORMATS)
     max_queued_requests: int = _opt(1024, "waiting requests the server accepts before answering 429")
 
     def __post_init__(self) -> None:

@@ -52,7 +52,11 @@ def test_greedy_matches_transformers(arch, mode, tiny_checkpoint, references):
     if mode == "preemption":
         assert stats["num_preemptions"] > 0
     if mode == "prefix-cache":
-        assert stats["prefix_cache_hits"] > 0
+        # The same prompts again: now served from cached blocks, with the same tokens.
+        again = llm.generate(mixed_prompts(), params)
+        assert [o.output_token_ids for o in again] == references(arch)
+        assert llm.engine.stats()["prefix_cache_hits"] > 0
+        assert all(o.num_cached_tokens > 0 for o, p in zip(again, mixed_prompts()) if len(p) > 16)
     if mode == "no-prefix-cache":
         assert stats["prefix_cache_hits"] == 0
     assert stats["num_free_blocks"] == stats["num_blocks"]  # every block returned

@@ -1,6 +1,8 @@
 """Reference attention: gather each request's blocks, then scaled-dot-product attention.
 
 Plain PyTorch, runs anywhere, and is the ground truth the fast kernels are tested against.
+Decode-only steps gather every sequence at once into one padded batch (one SDPA call instead of
+one per sequence: the CPU path's main cost); mixed steps go sequence by sequence.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ class TorchAttentionBackend(BaseAttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode_only:
+            return _batched_decode(q, k_cache, v_cache, meta, scale)
         block_size = k_cache.shape[1]
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         out = torch.empty_like(q)
@@ -29,6 +33,25 @@ class TorchAttentionBackend(BaseAttentionBackend):
             out[start:start + q_len] = _causal_attention(queries, keys, values, scale, num_heads // num_kv_heads)
             start += q_len
         return out
+
+
+def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """q [B, H, D], one token per sequence; keys beyond each sequence's length are masked."""
+    block_size = k_cache.shape[1]
+    num_blocks = -(-meta.max_seq_len // block_size)
+    tables = meta.block_tables[:, :num_blocks]                      # [B, nb]
+    keys = k_cache[tables].flatten(1, 2).transpose(1, 2)            # [B, Hkv, S, D]
+    values = v_cache[tables].flatten(1, 2).transpose(1, 2)          # [B, Hkv, S, D]
+    group = q.shape[1] // k_cache.shape[2]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)                 # [B, H, S, D]
+        values = values.repeat_interleave(group, dim=1)
+    positions = torch.arange(keys.shape[2], device=q.device)
+    mask = positions[None, :] < meta.seq_lens[:, None]              # [B, S]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :],
+                                         scale=scale)               # [B, H, 1, D]
+    return out[:, :, 0, :]
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int) -> torch.Tensor:

@@ -53,7 +53,8 @@ class LLMEngine:
         self.eos_token_ids = source.eos_token_ids
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.hf_config)
         self.attention = get_attention_backend(cfg.attention_backend, self.device)
-        self.model = build_model(source, self.dtype, self.device, self.attention)
+        self.model = build_model(source, self.dtype, self.device, self.attention,
+                                 random_weights=cfg.load_format == "dummy")
         self.load_seconds = time.perf_counter() - t0
         context_len = self.hf_config.max_position_embeddings
         self.max_model_len = min(cfg.max_model_len or context_len, context_len)
@@ -63,6 +64,9 @@ class LLMEngine:
                                                warmup if self.device.type == "cuda" else min(warmup, 64))
         if num_blocks == 0:
             raise RequestError("gpu_memory_utilization", "no memory left for the KV cache; raise it or lower max_num_batched_tokens")
+        self.graph_capture_seconds = 0.0
+        if self.device.type == "cuda" and cfg.cuda_graphs and self.attention.name == "triton":
+            self.graph_capture_seconds = self.runner.capture_cuda_graphs(min(cfg.max_num_seqs, 512), self.max_model_len)
         self.version = folder_version(self.model_path)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)

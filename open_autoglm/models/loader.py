@@ -77,8 +77,10 @@ def _open_gguf(path: Path) -> ModelSource:
     return ModelSource(path, hf_config, gguf.tokenizer, eos, is_gguf=True)
 
 
-def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, backend) -> nn.Module:
-    """Allocate the model once on `device` and fill it from the checkpoint (strict)."""
+def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, backend,
+                random_weights: bool = False) -> nn.Module:
+    """Allocate the model once on `device` and fill it from the checkpoint (strict), or with
+    random values of the right scale when `random_weights` (benchmarks of real shapes)."""
     cls = model_class_for(source.hf_config)
     # Parameters take `dtype` from the default; rotary tables are built explicitly in float32.
     previous = torch.get_default_dtype()
@@ -88,9 +90,22 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, b
             model = cls(source.hf_config, backend)
     finally:
         torch.set_default_dtype(previous)
-    load_weights(model, source.tensors())
+    if random_weights:
+        init_random(model)
+    else:
+        load_weights(model, source.tensors())
     model.eval()
     return model
+
+
+@torch.no_grad()
+def init_random(model: nn.Module, std: float = 0.02) -> None:
+    """Norm weights 1, everything else N(0, std): activations stay finite through every layer."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std)
 
 
 def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:

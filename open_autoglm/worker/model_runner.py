@@ -40,6 +40,8 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec.from_hf_config(hf_config, block_size, dtype)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.graphs = None  # DecodeGraphs once captured (CUDA only)
+        self.pin = device.type == "cuda"  # stage host->device copies in pinned memory
 
     # -- start-up -------------------------------------------------------------------------------
     def init_kv_cache(self, num_blocks: int | None, gpu_memory_utilization: float, cpu_bytes: int,
@@ -76,12 +78,23 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> float:
+        """Capture decode graphs for batches up to `max_batch`; returns the capture seconds."""
+        from open_autoglm.worker.cuda_graphs import DecodeGraphs
+
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch, max_blocks, max_model_len, self.device)
+        return self.graphs.capture()
+
     # -- the step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return logits.float(), inputs.sampling_requests
 
     def prepare(self, batch: SchedulerOutput) -> StepInputs:
@@ -110,19 +123,19 @@ class ModelRunner:
         max_blocks = max(len(r.block_ids) for r, _ in batch.scheduled)
         tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r, _ in batch.scheduled]
         query_lens = [b - a for a, b in zip(query_start, query_start[1:])]
-        dev = self.device
+        up = self._upload
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=up(slots, torch.long), query_start_loc=up(query_start, torch.int32),
+            seq_lens=up(seq_lens, torch.int32), block_tables=up(tables, torch.int32),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
         )
         return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            meta=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
-            sampling_requests=sampling,
+            input_ids=up(input_ids, torch.long), positions=up(positions, torch.long), meta=meta,
+            logits_indices=up(logits_indices, torch.long), sampling_requests=sampling,
         )
+
+    def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """Host list -> device tensor without blocking the host (pinned staging on CUDA)."""
+        cpu = torch.tensor(values, dtype=dtype, pin_memory=self.pin)
+        return cpu.to(self.device, non_blocking=True) if self.pin else cpu
