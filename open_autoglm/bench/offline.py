@@ -7,12 +7,12 @@ vLLM's benchmark_throughput. Peers run in the same invocation so the ratio is li
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import gc
 import random
 import time
 from dataclasses import asdict, dataclass
 
+from open_autoglm.bench.common import add_model_args, apply_model_args, write_report
 from open_autoglm.cli_args import add_engine_args, engine_config_from_args
 
 PEERS = ("hf",)
@@ -54,22 +54,13 @@ def run_ours(llm, prompts: list[list[int]], output_len: int) -> ThroughputResult
     return ThroughputResult("open-autoglm", len(prompts), len(prompts[0]), output_len, seconds, produced)
 
 
-def run_hf_generate_batch(model_path: str, prompts: list[list[int]], output_len: int, device: str, dtype) -> ThroughputResult:
+def run_hf_generate_batch(model_path: str, prompts: list[list[int]], output_len: int, device: str, dtype,
+                          random_weights: bool) -> ThroughputResult:
     """transformers' continuous batching (`generate_batch`, paged|sdpa attention)."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from open_autoglm.bench.peers import hf_generate_batch, load_hf_model
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="paged|sdpa").to(device).eval()
-    # No eos_token_id: every request yields exactly output_len tokens.
-    gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
-    # No inference_mode here: generate_batch runs its loop on a thread of its own and resets
-    # its static tensors in place, which inference tensors forbid.
-    model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False,
-                                                                                  eos_token_id=None, pad_token_id=0))
-    start = time.perf_counter()
-    results = model.generate_batch(inputs=prompts, generation_config=gen)
-    seconds = time.perf_counter() - start
-    produced = sum(len(r.generated_tokens) for r in results.values())
+    model = load_hf_model(model_path, dtype, device, random_weights, "paged|sdpa")
+    seconds, produced = hf_generate_batch(model, prompts, output_len)
     return ThroughputResult("transformers generate_batch", len(prompts), len(prompts[0]), output_len, seconds, produced)
 
 
@@ -78,44 +69,64 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
 
     from open_autoglm.llm import LLM
 
+    apply_model_args(args)
     llm = LLM(config=engine_config_from_args(args))
     engine = llm.engine
     prompts = random_prompts(args.num_prompts, args.input_len, engine.hf_config.vocab_size, args.seed)
     results = [run_ours(llm, prompts, args.output_len)]
+    memory = _memory_report(engine)
     if "hf" in (args.peer or []):
-        model_path = str(engine.model_path)
+        model_path, dtype = str(engine.model_path), engine.dtype
         del llm, engine
-        results.append(run_hf_generate_batch(model_path, prompts, args.output_len, args.peer_device or
-                                             ("cuda" if torch.cuda.is_available() else "cpu"), _dtype(args)))
-    report = _report(results, args)
-    _print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        device = args.peer_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        results.append(run_hf_generate_batch(model_path, prompts, args.output_len, device, dtype,
+                                             args.load_format == "dummy"))
+    _print_table(results, memory)
+    write_report(args.json, _report(results, args) | {"memory": memory})
+    if args.plot:
+        _plot(results, args.plot)
     return 0
 
 
-def _dtype(args):
+def _memory_report(engine) -> dict:
     import torch
 
-    if args.dtype in (None, "auto"):
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, args.dtype)
+    stats = {"kv_blocks": engine.block_manager.num_blocks, "kv_tokens": engine.block_manager.num_blocks * engine.config.block_size,
+             "max_concurrent_seqs_at_max_len": engine.block_manager.num_blocks * engine.config.block_size // engine.max_model_len,
+             "load_seconds": engine.load_seconds, "graph_capture_seconds": engine.graph_capture_seconds}
+    if torch.cuda.is_available():
+        stats["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return stats
+
+
+def _plot(results: list[ThroughputResult], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh([r.system for r in results], [r.output_tok_s for r in results], color=["tab:blue"] + ["tab:gray"] * 5)
+    ax.set_xlabel("output tokens/s")
+    ax.set_title(f"{results[0].num_prompts} x ({results[0].input_len} in -> {results[0].output_len} out)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _report(results: list[ThroughputResult], args) -> dict:
-    import torch
-
     return {
+        "benchmark": "throughput",
         "results": [asdict(r) | {"output_tok_s": r.output_tok_s, "total_tok_s": r.total_tok_s} for r in results],
         "ratios": {r.system: results[0].output_tok_s / r.output_tok_s for r in results[1:]},
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "torch": torch.__version__,
         "args": {k: v for k, v in vars(args).items() if k != "func"},
     }
 
 
-def _print_table(results: list[ThroughputResult]) -> None:
+def _print_table(results: list[ThroughputResult], memory: dict) -> None:
+    print("\n" + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in memory.items()))
     ours = results[0]
     print(f"\n{'system':<30} {'seconds':>9} {'out tok/s':>11} {'total tok/s':>12} {'ours / peer':>12}")
     for r in results:
@@ -131,6 +142,6 @@ def add_bench_throughput_parser(subparsers) -> None:
     p.add_argument("--peer", action="append", choices=PEERS, help="also run this peer on the same workload (repeatable)")
     p.add_argument("--peer-device", default=None, help="device for peers (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    p.add_argument("--json", default=None, help="write the report here")
+    add_model_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_bench_throughput)
