@@ -6,7 +6,12 @@ import argparse
 import logging
 import sys
 
-from open_autoglm.cli_args import add_engine_args, add_sampling_args, engine_config_from_args, sampling_params_from_args
+from open_autoglm.cli_args import (
+    add_engine_args,
+    add_sampling_args,
+    engine_config_from_args,
+    sampling_params_from_args,
+)
 from open_autoglm.errors import AutoGLMError
 
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import hf_greedy
+
 from open_autoglm.llm import LLM
 from open_autoglm.sampling_params import SamplingParams
 

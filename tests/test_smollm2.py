@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import hf_greedy
+
 from open_autoglm.llm import LLM
 from open_autoglm.sampling_params import SamplingParams
 
