@@ -43,14 +43,11 @@ def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     tables = meta.block_tables[:, :num_blocks]                      # [B, nb]
     keys = k_cache[tables].flatten(1, 2).transpose(1, 2)            # [B, Hkv, S, D]
     values = v_cache[tables].flatten(1, 2).transpose(1, 2)          # [B, Hkv, S, D]
-    group = q.shape[1] // k_cache.shape[2]
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=1)                 # [B, H, S, D]
-        values = values.repeat_interleave(group, dim=1)
     positions = torch.arange(keys.shape[2], device=q.device)
     mask = positions[None, :] < meta.seq_lens[:, None]              # [B, S]
+    # enable_gqa: each KV head serves its group of query heads without materializing copies.
     out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :],
-                                         scale=scale)               # [B, H, 1, D]
+                                         scale=scale, enable_gqa=True)  # [B, H, 1, D]
     return out[:, :, 0, :]
 
 

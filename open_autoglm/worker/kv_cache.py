@@ -49,8 +49,7 @@ def num_blocks_for_budget(spec: KVCacheSpec, device: torch.device, gpu_memory_ut
 def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One (k, v) pair per layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
     shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    # Zeroed on GPU (cheap there) so a kernel that loads a whole block and masks afterwards never
-    # multiplies garbage (NaN * 0 = NaN); on CPU the reference reads only written slots.
-    new = torch.zeros if device.type == "cuda" else torch.empty
-    return [(new(shape, dtype=spec.dtype, device=device), new(shape, dtype=spec.dtype, device=device))
+    # Zeroed: attention reads whole blocks and masks the unwritten tail, and a masked NaN still
+    # poisons the sum (NaN * 0 = NaN), so every slot must hold a finite value from the start.
+    return [(torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
             for _ in range(spec.num_layers)]
