@@ -47,6 +47,7 @@ class BlockManager:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}            # block hash -> block id
         self.seq_hashes: dict[str, list[bytes]] = {}  # request id -> hashes of its full blocks
+        self.num_registered: dict[str, int] = {}     # request id -> its blocks already in `cached`
         self.num_queries = 0  # prefix-cache lookups (tokens asked for), for metrics
         self.num_hits = 0     # tokens found
 
@@ -106,8 +107,12 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
+        start = self.num_registered.get(seq.request_id, 0)
+        if num_full <= start:  # the common decode step: no block filled up
+            return
         hashes = self._full_block_hashes(seq, seq.all_token_ids, num_full)
-        for i in range(num_full):
+        self.num_registered[seq.request_id] = num_full
+        for i in range(start, num_full):
             block_id = seq.block_ids[i]
             if self.block_hash[block_id] is None:
                 self.block_hash[block_id] = hashes[i]
@@ -122,10 +127,12 @@ class BlockManager:
                 self.free_queue[block_id] = None
         seq.block_ids = []
         self.seq_hashes.pop(seq.request_id, None)
+        self.num_registered.pop(seq.request_id, None)
 
     def forget_hashes(self, seq: _Seq) -> None:
         """Call when `seq` moves to another weights version (its KV will be recomputed)."""
         self.seq_hashes.pop(seq.request_id, None)
+        self.num_registered.pop(seq.request_id, None)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that nobody references (e.g. after a weights update)."""
