@@ -1,0 +1,420 @@
+"""`autoglm bench update`: live weight updates under steady streaming load, in one run.
+
+    versions  v1 = the model; v2 = every tensor perturbed (full swap); v3 = v2 with ~1% of the bytes
+              changed; v4 = v3 with ~10% changed (make_variant), published to a registry
+    load      C clients, each streaming one completion after another (random token ids, fixed length)
+    events    full swap v1 -> v2, delta v2 -> v3 (1%), delta v3 -> v4 (10%), rollback v4 -> v3,
+              `--gap` seconds apart
+    windows   before = the `--window` seconds before an update, during = tokens whose wait overlaps
+              the update (start of the admin call -> its answer), after = the `--window` seconds after
+
+Per event: update duration (total; work = total - drain wait; switch = engine pause), bytes moved,
+failed requests (must be 0), TTFT and ITL p50/p99 before/during/after. Also a PNG of latency over time
+with the updates marked and, with --cold-start, time to ready / first token of each load_strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+def make_variant(src_folder: str | Path, dst_folder: str | Path, fraction: float, seed: int = 0,
+                 scale: float = 0.02) -> list[str]:
+    """Write a fine-tune-like copy of a model folder: about `fraction` of the weight bytes (whole
+    tensors, picked at random) get Gaussian noise of `scale` x their own std; everything else is
+    copied byte for byte. Returns the names of the changed tensors (at least one)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from open_autoglm.registry.manifest import MANIFEST_FILE, folder_files, weight_files
+
+    src, dst = Path(src_folder), Path(dst_folder)
+    dst.mkdir(parents=True, exist_ok=True)
+    paths = folder_files(src)
+    shards = weight_files(src, paths)
+    for rel in paths:
+        if rel not in shards and rel != MANIFEST_FILE:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / rel, dst / rel)
+    tensors = {rel: load_file(str(src / rel)) for rel in shards}
+    sizes = {(rel, n): t.numel() * t.element_size() for rel, ts in tensors.items() for n, t in ts.items()}
+    budget = fraction * sum(sizes.values())
+    rng = random.Random(seed)
+    order = sorted(sizes)
+    rng.shuffle(order)
+    chosen, used = [], 0
+    for key in order:
+        if used + sizes[key] <= budget:
+            chosen.append(key)
+            used += sizes[key]
+    chosen = chosen or [min(order, key=sizes.__getitem__)]
+    gen = torch.Generator().manual_seed(seed)
+    for rel, name in chosen:
+        t = tensors[rel][name]
+        noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+        std = float(t.float().std()) if t.numel() > 1 else 1.0
+        tensors[rel][name] = (t.float() + noise * scale * (std or 1.0)).to(t.dtype)
+    for rel, ts in tensors.items():
+        save_file({n: t.contiguous() for n, t in ts.items()}, str(dst / rel), metadata={"format": "pt"})
+    return sorted(name for _, name in chosen)
+
+
+
+# -- versions ----------------------------------------------------------------------------------------
+def prepare_versions(base: Path, registry_root: Path, name: str, seed: int = 0) -> dict[str, str]:
+    """Publish v1..v4 (see the module docstring); returns event label -> target version."""
+    from open_autoglm.registry import Registry
+
+    reg = Registry(registry_root)
+    work = registry_root / ".variants"
+    reg.publish(name, base, version="v1")
+    steps = (("v2", "v1", 1.0), ("v3", "v2", 0.01), ("v4", "v3", 0.10))
+    for i, (version, parent, fraction) in enumerate(steps):
+        make_variant(reg.resolve(name, parent), work / version, fraction, seed=seed + i)
+        reg.publish(name, work / version, version=version, parent=parent, metrics={"variant_fraction": fraction})
+        shutil.rmtree(work / version)
+    return {"full swap": "v2", "delta 1%": "v3", "delta 10%": "v4", "rollback": "v3"}
+
+
+# -- a server of our own ---------------------------------------------------------------------------------
+class Server:
+    def __init__(self, model: Path, port: int, api_key: str, extra: list[str]) -> None:
+        import subprocess
+        import sys
+        import tempfile
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="autoglm-bench-update-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "open_autoglm.server", "--model", str(model), "--port", str(port),
+               "--host", "127.0.0.1", "--api-key", api_key, "--no-access-log", *extra]
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 900.0) -> float:
+        """Seconds from spawn to /health 200."""
+        import httpx
+
+        while time.perf_counter() - self.started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready in {timeout}s; log: {self.log.name}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- load and events -----------------------------------------------------------------------------------------
+@dataclass
+class Event:
+    label: str
+    route: str
+    body: dict
+    start: float = 0.0   # seconds since the run began
+    end: float = 0.0
+    status: int = 0
+    report: dict = field(default_factory=dict)
+
+
+async def run_load(args, url: str, events: list[Event]) -> tuple[list, float]:
+    """Clients stream completions back to back; the events fire `gap` seconds apart meanwhile."""
+    import httpx
+
+    from open_autoglm.bench.serving import send_request
+
+    headers = {"Authorization": f"Bearer {args.api_key}"}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    results: list = []
+    stop = asyncio.Event()
+    rng = random.Random(args.seed)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(3600, connect=30)) as client:
+        model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+        t0 = time.perf_counter()
+
+        async def one_client() -> None:
+            while not stop.is_set():
+                prompt = [rng.randrange(args.min_token_id, args.vocab_size) for _ in range(args.input_len)]
+                spread = int(args.output_len * args.output_jitter)  # unequal lengths: clients do not march in step
+                max_tokens = max(1, args.output_len + rng.randint(-spread, spread))
+                payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                           "ignore_eos": True, "stream": True}
+                results.append(await send_request(client, url + "/v1/completions", payload, t0))
+
+        clients = [asyncio.create_task(one_client()) for _ in range(args.clients)]
+        await asyncio.sleep(args.warmup + args.gap)
+        for event in events:
+            event.start = time.perf_counter() - t0
+            response = await client.post(url + event.route, json=event.body, timeout=3600)
+            event.end = time.perf_counter() - t0
+            event.status, event.report = response.status_code, response.json()
+            print(f"  {event.label}: HTTP {event.status} in {event.end - event.start:.2f}s", file=sys.stderr)
+            await asyncio.sleep(args.gap)
+        stop.set()
+        await asyncio.gather(*clients)
+        return results, time.perf_counter() - t0
+
+
+# -- analysis --------------------------------------------------------------------------------------------
+def _pcts(values: list[float]) -> dict:
+    from open_autoglm.bench.serving import percentile
+
+    ordered = sorted(values)
+    if not ordered:
+        return {"n": 0, "p50": None, "p99": None}
+    return {"n": len(ordered), "p50": 1e3 * percentile(ordered, 50), "p99": 1e3 * percentile(ordered, 99)}
+
+
+def latency_windows(results: list, lo: float, hi: float, overlap: bool) -> dict:
+    """TTFT and ITL samples of the window [lo, hi]: those whose wait overlaps it (overlap=True), or
+    that end inside it."""
+    def inside(a: float, b: float) -> bool:
+        return (a <= hi and b >= lo) if overlap else lo <= b <= hi
+
+    ttft, itl = [], []
+    for r in results:
+        if not r.ok:
+            continue
+        if r.ttft is not None and inside(r.start, r.start + r.ttft):
+            ttft.append(r.ttft)
+        times = r.chunk_times
+        itl += [b - a for a, b in zip(times, times[1:]) if inside(a, b)]
+    return {"ttft": _pcts(ttft), "itl": _pcts(itl)}
+
+
+def analyze(results: list, events: list[Event], window: float) -> list[dict]:
+    rows = []
+    for ev in events:
+        rep = ev.report if ev.status == 200 else {}
+        secs = rep.get("seconds", {})
+        failed = sum(1 for r in results if not r.ok and r.start < ev.end + window and
+                     r.start + r.e2e > ev.start - window)
+        rows.append({
+            "update": ev.label, "to": rep.get("to_version", "-"), "status": ev.status,
+            "policy": rep.get("policy"), "staging": rep.get("staging"),
+            "seconds": secs.get("total"), "work_seconds": (secs.get("total", 0) - secs.get("drain", 0)) if secs else None,
+            "switch_ms": 1e3 * secs["switch"] if "switch" in secs else None,
+            "bytes_moved": rep.get("bytes_moved"), "model_bytes": rep.get("model_bytes") or None,
+            "failed_requests": failed, "error": None if ev.status == 200 else ev.report.get("error"),
+            "before": latency_windows(results, ev.start - window, ev.start, overlap=False),
+            "during": latency_windows(results, ev.start, ev.end, overlap=True),
+            "after": latency_windows(results, ev.end, ev.end + window, overlap=False),
+        })
+    return rows
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def format_table(rows: list[dict], model_bytes: int | None) -> str:
+    head = ("| update | to | duration s (work / switch ms) | bytes moved | failed | TTFT p50/p99 ms before · during · after "
+            "| ITL p50/p99 ms before · during · after |")
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        moved = r["bytes_moved"]
+        share = f" ({100 * moved / model_bytes:.1f}%)" if moved and model_bytes else ""
+        dur = "-" if r["seconds"] is None else f"{r['seconds']:.2f} ({r['work_seconds']:.2f} / {_ms(r['switch_ms'])})"
+        lat = {k: " · ".join(f"{_ms(r[w][k]['p50'])}/{_ms(r[w][k]['p99'])}" for w in ("before", "during", "after"))
+               for k in ("ttft", "itl")}
+        lines.append(f"| {r['update']} | {r['to']} | {dur} | {(moved or 0) / 2**20:.2f} MiB{share} | "
+                     f"{r['failed_requests']} | {lat['ttft']} | {lat['itl']} |")
+    return "\n".join(lines)
+
+
+def check_targets(rows: list[dict], total_failed: int) -> list[tuple[str, bool, str]]:
+    by = {r["update"]: r for r in rows}
+    out = [("0 failed requests", total_failed == 0, f"{total_failed} failed")]
+    for r in rows:
+        before, during = r["before"]["itl"]["p99"], r["during"]["itl"]["p99"]
+        if before and during:
+            out.append((f"{r['update']}: p99 ITL during <= 2x steady", during <= 2 * before,
+                        f"{during:.0f} ms vs {before:.0f} ms"))
+    full, small = by.get("full swap"), by.get("delta 1%")
+    if full and small and small["bytes_moved"] and small["model_bytes"]:
+        share = small["bytes_moved"] / small["model_bytes"]
+        out.append(("1% delta moves <= 2% of the model", share <= 0.02, f"{100 * share:.2f}%"))
+    if full and small and full["work_seconds"] and small["work_seconds"] is not None:
+        ratio = small["work_seconds"] / full["work_seconds"]
+        out.append(("1% delta takes <= 10% of the full swap", ratio <= 0.10,
+                    f"{small['work_seconds']:.3f}s vs {full['work_seconds']:.3f}s ({100 * ratio:.1f}%)"))
+    return out
+
+
+def plot_timeline(results: list, events: list[Event], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    ok = [r for r in results if r.ok]
+    xs = [b for r in ok for b in r.chunk_times[1:]]
+    ys = [1e3 * (b - a) for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    ax1.scatter(xs, ys, s=3, alpha=0.4)
+    ax1.set_ylabel("inter-token latency (ms)")
+    ax1.set_yscale("log")
+    ax2.scatter([r.start for r in ok if r.ttft is not None], [1e3 * r.ttft for r in ok if r.ttft is not None], s=6)
+    bad = [r for r in results if not r.ok]
+    if bad:
+        ax2.scatter([r.start for r in bad], [1e3 * r.e2e for r in bad], marker="x", color="red", label="failed")
+        ax2.legend()
+    ax2.set_ylabel("time to first token (ms)")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("time since start (s)")
+    for i, ev in enumerate(events):
+        for ax in (ax1, ax2):
+            ax.axvspan(ev.start, max(ev.end, ev.start + 0.05), color=f"C{i + 1}", alpha=0.25)
+            ax.axvline(ev.start, color=f"C{i + 1}", linewidth=1)
+        ax1.text(ev.start, ax1.get_ylim()[1], f" {ev.label}", color=f"C{i + 1}", va="top", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- cold start ------------------------------------------------------------------------------------------------
+def cold_start(args, model: Path, registry_root: Path, name: str, server_args: list[str]) -> list[dict]:
+    """Per load_strategy: spawn -> /health 200, then the first request's TTFT; resident also times a
+    switch to a preloaded version."""
+    import httpx
+
+    rows = []
+    headers = {"Authorization": f"Bearer {args.api_key}"}
+    for strategy in args.strategies.split(","):
+        time.sleep(3.0)  # let the previous server's exit settle
+        server = Server(model, _free_port(), args.api_key, [*server_args, "--load-strategy", strategy])
+        try:
+            ready = server.wait_ready()
+            t = time.perf_counter()
+            body = {"prompt": list(range(args.min_token_id, args.min_token_id + args.input_len)), "max_tokens": 1,
+                    "temperature": 0}
+            httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=3600).raise_for_status()
+            row = {"strategy": strategy, "ready_s": ready, "first_ttft_s": time.perf_counter() - t}
+            if strategy == "resident":
+                src = {"model": name, "version": "v2", "registry": str(registry_root), "warmup_prompts": []}
+                httpx.post(server.url + "/admin/preload", json=src, headers=headers, timeout=3600).raise_for_status()
+                r = httpx.post(server.url + "/admin/update", json=src, headers=headers, timeout=3600)
+                row["switch_to_resident_s"] = r.json()["seconds"]["total"]
+                t = time.perf_counter()
+                httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=3600)
+                row["ttft_after_switch_s"] = time.perf_counter() - t
+            rows.append(row)
+        finally:
+            server.stop()
+    return rows
+
+
+# -- command -------------------------------------------------------------------------------------------
+def add_bench_update_parser(bench_subparsers) -> argparse.ArgumentParser:
+    p = bench_subparsers.add_parser("update", help="live weight updates under streaming load: swap, deltas, rollback",
+                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: the cached smollm2-135m)")
+    p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default: 32)")
+    p.add_argument("--input-len", type=int, default=32, help="prompt tokens (default: 32)")
+    p.add_argument("--output-len", type=int, default=32, help="mean output tokens per request (default: 32)")
+    p.add_argument("--output-jitter", type=float, default=0.5,
+                   help="output lengths vary uniformly by this fraction around --output-len (default: 0.5)")
+    p.add_argument("--policy", choices=("drain", "recompute", "abort"), default="drain", help="in-flight policy")
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds of load before the window of the first update")
+    p.add_argument("--gap", type=float, default=20.0, help="seconds between updates (default: 20)")
+    p.add_argument("--window", type=float, default=None, help="before/after windows in seconds (default: gap / 2)")
+    p.add_argument("--registry", default=None, help="registry root for the variants (default: a temporary folder)")
+    p.add_argument("--server-arg", action="append", default=[], help="extra `autoglm serve` option (repeat)")
+    p.add_argument("--device", default="auto", help="server device (default: auto)")
+    p.add_argument("--api-key", default="bench-update-key", help="API key of the server we start")
+    p.add_argument("--vocab-size", type=int, default=None, help="prompt token ids below this (default: the model's)")
+    p.add_argument("--min-token-id", type=int, default=100, help="prompt token ids from here (skip special tokens)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cold-start", action="store_true", help="also time start-up per load strategy")
+    p.add_argument("--strategies", default="prewarm,lazy,resident", help="load strategies for --cold-start")
+    p.add_argument("--json", default=None, help="write the full report (JSON) here")
+    p.add_argument("--plot", default="bench_update.png", help="PNG of latency over time (default: bench_update.png)")
+    p.set_defaults(func=cmd_bench_update)
+    return p
+
+
+def cmd_bench_update(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from open_autoglm.models.catalog import resolve_model
+
+    base = Path(resolve_model(args.model, None))
+    args.vocab_size = args.vocab_size or json.loads((base / "config.json").read_text())["vocab_size"]
+    args.window = args.window or args.gap / 2
+    tmp = tempfile.TemporaryDirectory(prefix="autoglm-bench-update-")
+    root = Path(args.registry) if args.registry else Path(tmp.name) / "registry"
+    name = f"bench-{base.name}"
+    print(f"preparing versions of {base} in {root} ...", file=sys.stderr)
+    targets = prepare_versions(base, root, name, args.seed)
+    server_args = ["--device", args.device, *args.server_arg]
+    src = {"model": name, "registry": str(root), "policy": args.policy}
+    events = [Event("full swap", "/admin/update", {**src, "version": targets["full swap"], "mode": "full"}),
+              Event("delta 1%", "/admin/update", {**src, "version": targets["delta 1%"], "mode": "delta"}),
+              Event("delta 10%", "/admin/update", {**src, "version": targets["delta 10%"], "mode": "delta"}),
+              Event("rollback", "/admin/rollback", {"policy": args.policy})]
+    from open_autoglm.registry import Registry
+
+    server = Server(Registry(root).resolve(name, "v1"), _free_port(), args.api_key, server_args)
+    try:
+        ready = server.wait_ready()
+        print(f"server ready in {ready:.1f}s; {args.clients} clients, in {args.input_len} / out {args.output_len}",
+              file=sys.stderr)
+        results, duration = asyncio.run(run_load(args, server.url, events))
+    finally:
+        server.stop()
+    rows = analyze(results, events, args.window)
+    model_bytes = next((r["model_bytes"] for r in rows if r["model_bytes"]), None)
+    failed = sum(1 for r in results if not r.ok)
+    report = {"model": str(base), "device": args.device, "clients": args.clients, "input_len": args.input_len,
+              "output_len": args.output_len, "policy": args.policy, "duration_s": duration,
+              "requests": len(results), "failed": failed, "model_bytes": model_bytes, "rows": rows,
+              "events": [asdict(e) for e in events]}
+    print(f"\n{len(results)} requests, {failed} failed, {duration:.0f}s; model {(model_bytes or 0) / 2**20:.0f} MiB\n")
+    print(format_table(rows, model_bytes))
+    report["targets"] = check_targets(rows, failed)
+    print("\ntargets:")
+    for what, ok, detail in report["targets"]:
+        print(f"  [{'PASS' if ok else 'FAIL'}] {what}: {detail}")
+    if args.cold_start:
+        report["cold_start"] = cold_start(args, Registry(root).resolve(name, "v1"), root, name, server_args)
+        print("\n| load strategy | ready (s) | first TTFT (s) | switch to resident (s) |\n|---|---|---|---|")
+        for c in report["cold_start"]:
+            print(f"| {c['strategy']} | {c['ready_s']:.2f} | {c['first_ttft_s']:.2f} | "
+                  f"{c.get('switch_to_resident_s', float('nan')):.3f} |")
+    if args.plot:
+        plot_timeline(results, events, args.plot, f"{base.name}: {args.clients} streaming clients, policy {args.policy}")
+        print(f"\nplot: {args.plot}")
+    if args.json:
+        report["results"] = [asdict(r) for r in results]
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    tmp.cleanup()
+    return 0 if failed == 0 and all(e.status == 200 for e in events) else 1

@@ -1,0 +1,417 @@
+"""Live weight updates, tensor by tensor: staging, verification, warm-up, snapshot, copy between steps.
+
+The live parameters never move (DESIGN.md, "Weights live at fixed addresses"); an update is a list
+of `(live view, new value)` pairs copied with `copy_` inside one between-steps window:
+
+    stage                    | thread         | touches live weights
+    read + hash + stage      | update thread  | no (new values go to a staging copy)
+    warm-up (full swap)      | update thread  | no (runs a *shadow* model over the staged copy)
+    snapshot (for rollback)  | update thread  | reads only (nothing else writes while we hold the update lock)
+    copy_                    | engine thread  | yes, between two steps; restored from the snapshot if it fails
+
+A *shadow* model is the live model's class built on the meta device, whose parameters are then
+given real storage on the staging device and whose buffers (rotary tables) are the live ones: it
+costs no random init and exactly one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from open_autoglm.attention.base import AttentionMetadata
+from open_autoglm.errors import AutoGLMError
+from open_autoglm.registry.manifest import (
+    FileEntry,
+    Manifest,
+    ShardEntry,
+    TensorEntry,
+    chat_template_hash,
+    content_hash,
+    folder_files,
+    weight_files,
+)
+from open_autoglm.registry.safetensors_io import MappedFile, hash_bytes, hash_file
+from open_autoglm.worker.kv_cache import KVCacheSpec, allocate_kv_cache
+from open_autoglm.worker.weights import WeightMap
+
+# Where an update can fail; the label of autoglm_weight_update_failures_total{stage}.
+STAGES = ("resolve", "load", "compat", "memory", "base", "verify", "warmup", "snapshot", "switch")
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+class UpdateError(AutoGLMError):
+    """A weight update was refused or failed at `stage`; the old version is still serving."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"update failed at {stage}: {message}")
+        self.stage = stage
+        self.message = message
+
+
+class UpdateInProgress(AutoGLMError):
+    """Another update (or rollback) holds the update lock (HTTP 409)."""
+
+
+def nbytes_of(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# -- bytes -> tensors ----------------------------------------------------------------------------
+def tensor_from_bytes(data: memoryview, st_dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A CPU tensor over `data` without a copy (read-only: only ever a copy_ source)."""
+    dtype = ST_DTYPES.get(st_dtype)
+    if dtype is None:
+        raise UpdateError("load", f"unsupported tensor dtype {st_dtype}")
+    if len(data) == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():  # "buffer is not writable": we never write through it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=dtype).view(shape)
+
+
+def check_shape(name: str, new: tuple[int, ...], live: torch.Tensor) -> None:
+    if tuple(new) != tuple(live.shape):
+        raise UpdateError("compat", f"shape change: {name} is {list(new)} in the update but {list(live.shape)} in "
+                                    f"the live model; a different architecture needs a restart")
+
+
+# -- the shadow model ----------------------------------------------------------------------------
+def build_shadow(model: nn.Module, hf_config, device: torch.device, backend,
+                 params: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The live model's twin on `device`: uninitialized parameters (same names, shapes, dtypes,
+    ties; filled by `load_verified`), or the given `params` by name; the live buffers."""
+    with torch.device("meta"):
+        shadow = type(model)(hf_config, backend)
+    live = dict(model.named_parameters())
+    made: dict[int, nn.Parameter] = {}  # meta param id -> real one, so tied weights stay tied
+    for prefix, module in shadow.named_modules():
+        for leaf, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in made:
+                    name = _join(prefix, leaf)
+                    data = params[name] if params is not None else torch.empty_like(live[name], device=device)
+                    made[id(p)] = nn.Parameter(data, requires_grad=False)
+                module._parameters[leaf] = made[id(p)]
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    for prefix, module in shadow.named_modules():
+        for leaf in list(module._buffers):
+            module._buffers[leaf] = buffers[_join(prefix, leaf)].to(device)
+    return shadow.eval()
+
+
+def allocate_model(source, dtype: torch.dtype, device: torch.device, backend) -> nn.Module:
+    """`build_model` without reading the weights (load_strategy lazy reads them on the first request)."""
+    from open_autoglm.models.registry import model_class_for
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), _no_random_init():
+            model = model_class_for(source.hf_config)(source.hf_config, backend)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _no_random_init():
+    """Skip nn.Linear / nn.Embedding random init (the weights are read later anyway), as
+    transformers' no_init_weights does. Only used while an engine is being built."""
+    names = ("kaiming_uniform_", "uniform_", "normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
+def _join(prefix: str, leaf: str) -> str:
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
+# -- reading a folder: hash every tensor as it is staged ----------------------------------------
+@dataclass
+class FolderLoad:
+    manifest: Manifest      # the folder's manifest (checked), or one computed from what was read
+    nbytes: int             # bytes read from the weight files
+
+
+@torch.no_grad()
+def load_verified(shadow: nn.Module, folder: Path, manifest: Manifest | None) -> FolderLoad:
+    """Fill `shadow` from the safetensors of `folder`, hashing each tensor's bytes on the way.
+
+    With a manifest, every tensor and model file must match it (else UpdateError "verify", naming
+    them); without one, a manifest is computed from what was read, so later deltas can check
+    their base. Missing or unexpected tensors and shape changes are "compat" errors."""
+    weight_map = WeightMap(shadow)
+    shards = weight_files(folder, folder_files(folder))
+    if not shards:
+        raise UpdateError("load", f"{folder}: no *.safetensors weight files")
+    entries: dict[str, TensorEntry] = {}
+    shard_entries: dict[str, ShardEntry] = {}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    bad: list[str] = []
+    for rel in shards:
+        try:
+            mf = MappedFile(folder / rel)
+        except Exception as e:  # RegistryError (bad header), OSError
+            raise UpdateError("load", f"{folder / rel}: cannot read ({e})") from None
+        with mf:
+            shard_entries[rel] = ShardEntry(mf.header.header_hash, (folder / rel).stat().st_size)
+            for info in mf.header.tensors.values():
+                view = mf.view(info)
+                entry = TensorEntry(rel, hash_bytes(view), info.shape, info.dtype, info.nbytes)
+                entries[info.name] = entry
+                want = manifest.tensors.get(info.name) if manifest is not None else entry
+                if want is None or (want.hash, want.shape, want.dtype) != (entry.hash, entry.shape, entry.dtype):
+                    bad.append(info.name)  # hashed, never staged
+                else:
+                    _stage_one(weight_map, info.name, tensor_from_bytes(view, info.dtype, info.shape), loaded,
+                               unexpected)
+                del view  # views must be gone before the mapping closes
+    if manifest is not None:
+        bad += sorted(manifest.tensors.keys() - entries.keys())
+        bad += verify_files(folder, manifest)
+    if bad:
+        raise UpdateError("verify", f"{folder}: hash mismatch against manifest.json for {_short(bad)}")
+    missing = sorted(weight_map.expected_names() - loaded)
+    if missing or unexpected:
+        raise UpdateError("compat", f"{folder} does not fit the live model: "
+                                    + "; ".join(([f"missing {_short(missing)}"] if missing else [])
+                                                + ([f"unexpected {_short(unexpected)}"] if unexpected else [])))
+    if manifest is None:
+        manifest = _manifest_of(folder, shards, entries, shard_entries)
+    return FolderLoad(manifest, sum(e.nbytes for e in entries.values()))
+
+
+def _stage_one(weight_map: WeightMap, key: str, tensor: torch.Tensor, loaded: set[str], unexpected: list[str]) -> None:
+    try:
+        target = weight_map.target(key)
+    except KeyError:
+        unexpected.append(key)
+        return
+    if target is None:
+        return
+    check_shape(key, tuple(tensor.shape), target.view)
+    target.view.copy_(tensor)  # converts dtype and device
+    loaded.update(target.covers)
+
+
+def verify_files(folder: Path, manifest: Manifest) -> list[str]:
+    """Model files (config, tokenizer, ...) that are missing or differ, plus the manifest itself
+    if it does not hash to its own manifest_hash."""
+    bad = [rel for rel, f in sorted(manifest.files.items())
+           if not (folder / rel).is_file() or hash_file(folder / rel) != f.hash]
+    if manifest.content_hash() != manifest.manifest_hash:
+        bad.append("manifest.json (does not hash to its manifest_hash)")
+    return bad
+
+
+def _manifest_of(folder: Path, shards: list[str], tensors: dict[str, TensorEntry],
+                 shard_entries: dict[str, ShardEntry]) -> Manifest:
+    files = {p: FileEntry(hash_file(folder / p), (folder / p).stat().st_size)
+             for p in folder_files(folder) if p not in shards}
+    template = chat_template_hash(folder)
+    return Manifest(name="", version="", tensors=tensors, files=files, shards=shard_entries,
+                    chat_template_hash=template, manifest_hash=content_hash(tensors, files, template))
+
+
+def read_changed(folder: Path, manifest: Manifest, names: list[str]) -> Iterator[tuple[str, str, tuple, memoryview]]:
+    """(name, dtype, shape, bytes) of `names` from a version folder, each hash-checked against
+    `manifest` before it is yielded (a registry diff applied as a delta)."""
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(manifest.tensors[name].file, []).append(name)
+    for rel, group in sorted(by_file.items()):
+        with MappedFile(folder / rel) as mf:
+            for name in group:
+                info, want = mf.header.tensors.get(name), manifest.tensors[name]
+                view = mf.view(info) if info is not None else None
+                if view is None or hash_bytes(view) != want.hash:
+                    raise UpdateError("verify", f"{folder / rel}: tensor {name} does not match its manifest hash")
+                yield name, info.dtype, info.shape, view
+                del view
+
+
+# -- delta staging --------------------------------------------------------------------------------
+@dataclass
+class Patch:
+    """New values for some live storage: `targets[i].copy_(values[i])` (views of live parameters)."""
+
+    names: list[str]
+    targets: list[torch.Tensor]
+    values: list[torch.Tensor]
+    owners: list[str] = field(default_factory=list)  # the live parameter each target is (a view of)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.values)
+
+    def undo(self, backup: list[torch.Tensor]) -> Patch:
+        """The same targets, given `backup` (their old values)."""
+        return Patch(self.names, self.targets, backup, self.owners)
+
+
+@torch.no_grad()
+def stage_patch(model: nn.Module, tensors, device: torch.device) -> Patch:
+    """Stage (name, dtype, shape, bytes) items onto `device` in the live dtype, next to the live
+    storage they replace. Unknown names and shape changes are refused before anything is kept."""
+    weight_map = WeightMap(model)
+    owner = {id(p): n for n, p in model.named_parameters()}
+    patch = Patch([], [], [])
+    for name, st_dtype, shape, data in tensors:
+        try:
+            target = weight_map.target(name)
+        except KeyError:
+            raise UpdateError("compat", f"tensor {name} is not a weight of the live model") from None
+        if target is None:  # e.g. lm_head of a tied model: its storage is the embedding's
+            continue
+        check_shape(name, tuple(shape), target.view)
+        value = torch.empty_like(target.view, device=device)
+        value.copy_(tensor_from_bytes(data, st_dtype, shape))
+        patch.names.append(name)
+        patch.targets.append(target.view)
+        patch.values.append(value)
+        patch.owners.append(owner[id(target.param)])
+    return patch
+
+
+@torch.no_grad()
+def patched_params(model: nn.Module, patch: Patch) -> dict[str, torch.Tensor]:
+    """Live parameters as they will be after `patch`, without touching them: the parameters it
+    writes are cloned and patched, all others are the live tensors themselves (read only). A
+    shadow over these warms up a delta at a cost that scales with the change."""
+    live = {n: p.data for n, p in model.named_parameters()}
+    out = dict(live)
+    for owner, target, value in zip(patch.owners, patch.targets, patch.values):
+        if out[owner] is live[owner]:
+            out[owner] = live[owner].clone()
+        base, clone = live[owner], out[owner]
+        offset = target.storage_offset() - base.storage_offset() + clone.storage_offset()
+        clone.as_strided(target.shape, target.stride(), offset).copy_(value)
+    return out
+
+
+def full_patch(model: nn.Module, weights: dict[str, torch.Tensor]) -> Patch:
+    """Every live parameter <- the same-named tensor of `weights` (a shadow or a host copy)."""
+    names = [n for n, _ in model.named_parameters()]
+    live = dict(model.named_parameters())
+    return Patch(names, [live[n].data for n in names], [weights[n] for n in names], names)
+
+
+# -- snapshot and copy ----------------------------------------------------------------------------
+@torch.no_grad()
+def snapshot(targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Host copies of live storage (pinned on CUDA so a rollback copies at full speed)."""
+    out = []
+    for t in targets:
+        pin = t.device.type == "cuda"
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+        host.copy_(t)
+        out.append(host)
+    return out
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src, non_blocking=src.is_pinned())
+
+
+@torch.no_grad()
+def copy_patch(patch: Patch, backup: list[torch.Tensor] | None) -> int:
+    """Copy every value into its live target. If a copy fails, the targets already written (and
+    the one that failed) get `backup` back, so the live weights are the old ones again."""
+    done = 0
+    try:
+        for dst, src in zip(patch.targets, patch.values):
+            _copy(dst, src)
+            done += 1
+        _sync(patch.targets)
+    except BaseException as e:
+        if backup is None:
+            raise UpdateError("switch", f"copy failed after {done} of {len(patch.targets)} tensors ({e}); "
+                                        f"no snapshot to restore from") from e
+        for dst, old in zip(patch.targets[:done + 1], backup[:done + 1]):
+            dst.copy_(old)
+        _sync(patch.targets)
+        raise UpdateError("switch", f"copy failed after {done} of {len(patch.targets)} tensors "
+                                    f"({type(e).__name__}: {e}); the old weights were copied back") from e
+    return patch.nbytes
+
+
+def _sync(targets: list[torch.Tensor]) -> None:
+    if targets and targets[0].device.type == "cuda":
+        torch.cuda.synchronize(targets[0].device)
+
+
+# -- warm-up --------------------------------------------------------------------------------------
+@torch.inference_mode()
+def warmup(model: nn.Module, kv_spec: KVCacheSpec, device: torch.device, prompts: list[list[int]],
+           num_tokens: int) -> list[list[int]]:
+    """Greedy-continue each prompt by `num_tokens` tokens (a fresh prefill per token, scratch KV
+    cache); every logit must be finite. Returns the continuations."""
+    outputs = []
+    for i, prompt in enumerate(prompts):
+        ids = list(prompt)
+        for _ in range(num_tokens):
+            logits = _last_logits(model, kv_spec, device, ids)
+            if not bool(torch.isfinite(logits).all()):
+                raise UpdateError("warmup", f"warm-up prompt {i} gives non-finite logits (NaN/inf weights?)")
+            ids.append(int(logits.argmax()))
+        outputs.append(ids[len(prompt):])
+    return outputs
+
+
+def _last_logits(model: nn.Module, kv_spec: KVCacheSpec, device: torch.device, ids: list[int]) -> torch.Tensor:
+    n = len(ids)
+    num_blocks = -(-n // kv_spec.block_size)
+    scratch = allocate_kv_cache(kv_spec, num_blocks, device)
+    pos = torch.arange(n, device=device)
+    meta = AttentionMetadata(  # one sequence in blocks 0..num_blocks-1, so slot = position
+        slot_mapping=pos.clone(),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+        query_lens_cpu=[n], seq_lens_cpu=[n], max_query_len=n, max_seq_len=n,
+    )
+    hidden = model(torch.tensor(ids, dtype=torch.long, device=device), pos, scratch, meta)  # [T, hidden]
+    return model.compute_logits(hidden[-1:]).float()[0]  # [vocab]
+
+
+# -- memory ---------------------------------------------------------------------------------------
+def host_available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return host_available_bytes()
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
+
+
+def _short(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
