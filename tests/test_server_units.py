@@ -130,10 +130,10 @@ class FakeEngine:
         self.aborted.append(request_id)
 
 
-def output(rid, prompt, ids, finish=None, error=None) -> RequestOutput:
+def output(rid, prompt, ids, finish=None, error=None, version="v-test") -> RequestOutput:
     return RequestOutput(request_id=rid, new_token_ids=ids[-1:], new_text="x", text="x" * len(ids),
                          output_token_ids=ids, prompt_token_ids=prompt, finished=finish is not None,
-                         finish_reason=finish, version="v-test", error=error)
+                         finish_reason=finish, version=version, error=error)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def events(text: str) -> list:
 
 
 def failing_script(rid, prompt, params):
-    if "bad" in rid or params.max_tokens == 7:
+    if params.max_tokens == 7:
         raise RequestError("max_tokens", "the engine refused it")
     if params.max_tokens == 5:
         raise RuntimeError("kaboom")
@@ -191,6 +191,55 @@ def test_a_failure_inside_one_request_ends_only_that_request(tokenizer):
             assert r.json()["system_fingerprint"] == "v-test"
             metrics = (await c.get("/metrics")).text
             assert 'reason="engine_error"' in metrics and 'reason="invalid_request"' in metrics
+
+    run(main())
+
+
+def aborting_script(rid, prompt, params):
+    """max_tokens 4: aborted by a weight update (policy abort); 6: by the shutdown timeout (no reason)."""
+    yield output(rid, prompt, [3])
+    reason = "aborted: weights updated to v9" if params.max_tokens == 4 else None
+    yield output(rid, prompt, [3, 4], finish="abort", error=reason)
+
+
+def test_an_aborted_request_is_told_its_own_reason(tokenizer):
+    chat = {"messages": [{"role": "user", "content": "a"}]}
+    cases = [(4, "aborted: weights updated to v9"), (6, "request aborted: the server is shutting down")]
+
+    async def main():
+        async with client_for(FakeEngine(tokenizer, aborting_script)) as c:
+            for max_tokens, message in cases:
+                for route, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", chat)):
+                    r = await c.post(route, json={**body, "max_tokens": max_tokens})
+                    assert r.status_code == 503 and r.json()["error"] == {
+                        "message": message, "type": "service_unavailable", "param": None, "code": "aborted"}
+                    r = await c.post(route, json={**body, "max_tokens": max_tokens, "stream": True})
+                    got = events(r.text)
+                    assert got[-1] == "[DONE]" and got[-2]["error"]["code"] == "aborted"
+                    assert got[-2]["error"]["message"] == message, (route, got)
+
+    run(main())
+
+
+def drained_script(rid, prompt, params):
+    """A request held by a drain: the server still names v-test, its tokens come from v-new."""
+    yield output(rid, prompt, [3], version="v-new")
+    yield output(rid, prompt, [3, 4], finish="length", version="v-new")
+
+
+def test_every_chat_stream_chunk_names_the_version_that_produced_it(tokenizer):
+    async def main():
+        async with client_for(FakeEngine(tokenizer, drained_script)) as c:
+            body = {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2, "n": 2, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            got = events((await c.post("/v1/chat/completions", json=body)).text)
+        chunks = got[:-1]
+        roles = [e for e in chunks if e["choices"] and "role" in e["choices"][0]["delta"]]
+        assert sorted(e["choices"][0]["index"] for e in roles) == [0, 1]
+        for index in (0, 1):  # the role chunk comes first for its choice
+            mine = [e for e in chunks if e["choices"] and e["choices"][0]["index"] == index]
+            assert mine[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert {e["system_fingerprint"] for e in chunks} == {"v-new"}
 
     run(main())
 

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from open_autoglm.bench.update import check_targets, format_table, latency_windows, make_variant
+from open_autoglm.bench.update import make_variant
+from open_autoglm.bench.update_report import check_targets, format_table, latency_windows
 from open_autoglm.registry import compute_manifest, diff_manifests
 
 

@@ -268,6 +268,7 @@ def test_abort_policy_and_drain_timeout(reg):
     report = engine.update_weights(v3, "abort")
     outs = _drive(engine)
     assert report.requests["aborted"] == 2 and all(outs[i][-1].finish_reason == "abort" for i in ids)
+    assert {outs[i][-1].error for i in ids} == {"aborted: weights updated to v3"}  # what the server shows
     ids = _start_long(engine)
     report = engine.update_weights(v1, "drain", drain_timeout=0.0)  # stragglers are recomputed, not failed
     outs = _drive(engine)

@@ -114,6 +114,17 @@ def test_swap_under_load_recompute(server, reg):
         assert set(res["versions"][first_new:]) == {"v3"} and set(res["versions"][:first_new]) <= {"v1"}
 
 
+def test_abort_policy_tells_each_aborted_stream_why(server, reg):
+    results, update, health = asyncio.run(_under_load(server, source(reg, "v3") | {"policy": "abort"}, 30, 0))
+    assert update.status_code == 200 and set(health) == {200}
+    aborted = update.json()["requests"]["aborted"]
+    failed = [res for res in results if res["errors"]]
+    assert aborted >= 1 and len(failed) == aborted
+    for res in failed:
+        [error] = [e["error"] for e in res["errors"]]
+        assert (error["code"], error["message"]) == ("aborted", "aborted: weights updated to v3") and res["done"]
+
+
 def test_update_then_rollback_gives_identical_greedy_outputs(server, reg):
     before, fp = complete(server)
     assert fp == {"v1"}
@@ -232,13 +243,49 @@ def test_admin_needs_the_key(server):
 
 
 def test_admin_refuses_a_server_without_a_key():
+    """One rule for every peer (loopback included) and every /admin route, known or not."""
     from fastapi.testclient import TestClient
 
-    from open_autoglm.server.app import create_app
+    from open_autoglm.server.app import ServerSettings, create_app
 
-    api = TestClient(create_app(), client=("127.0.0.1", 5000))  # no lifespan: no engine is even built
-    r = api.post("/admin/update", json={"path": "/x"})
-    assert r.status_code == 401 and "--api-key" in r.json()["error"]["message"]
+    app = create_app()  # no lifespan: no engine is even built
+    for peer in (("127.0.0.1", 5000), ("::1", 5000), ("203.0.113.9", 5000)):
+        api = TestClient(app, client=peer)
+        for method, route in (("POST", "/admin/update"), ("GET", "/admin/status"), ("GET", "/admin/nope"),
+                              ("GET", "/admin")):
+            r = api.request(method, route, json={"path": "/x"} if method == "POST" else None,
+                            headers={"Authorization": "Bearer anything"})
+            assert r.status_code == 401, (peer, route, r.status_code)
+            assert r.headers["www-authenticate"] == "Bearer"
+            error = r.json()["error"]
+            assert (error["type"], error["code"]) == ("authentication_error", "admin_key_required")
+            assert "start the server with --api-key" in error["message"]
+    assert TestClient(app).get("/administrator").status_code == 404  # only /admin and /admin/... are admin
+    keyed = TestClient(create_app(settings=ServerSettings(api_key="k")), client=("127.0.0.1", 5000))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k"}):
+        r = keyed.get("/admin/status", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_admin_router_without_the_gate_applies_the_same_rule():
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from open_autoglm.server import admin
+    from open_autoglm.server.errors import install_error_handlers
+
+    bare = FastAPI()
+    install_error_handlers(bare)
+    bare.include_router(admin.router)
+    bare.state.server = SimpleNamespace(settings=SimpleNamespace(api_key=None), metrics=SimpleNamespace(
+        fail=lambda *a, **k: None), version="v")
+    r = TestClient(bare, client=("127.0.0.1", 5000)).get("/admin/status")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "admin_key_required"
+    bare.state.server.settings.api_key = "k"
+    r = TestClient(bare).get("/admin/status", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_metrics_and_cli(server, reg, capsys):

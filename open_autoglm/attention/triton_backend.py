@@ -41,6 +41,10 @@ class TritonAttentionBackend(BaseAttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         self._kv.write_kv_cache_triton(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """forward() for callers that already wrote the new K/V (the fused rotary kernel does)."""
         if meta.is_decode_only:
             # One token per request: token i belongs to request i (query_start_loc = arange).
             num_splits = self._decode.decode_num_splits(

@@ -114,3 +114,25 @@ def write_report(path: str | None, report: dict) -> None:
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(), "versions": versions()} | report
     if path:
         Path(path).write_text(json.dumps(report, indent=2, default=str))
+
+
+def memory_report(engine) -> dict:
+    """KV capacity, peak GPU memory and start-up times of an engine: printed with every benchmark."""
+    import torch
+
+    bm, runner = engine.block_manager, engine.runner
+    stats = {
+        "kv_blocks": bm.num_blocks, "kv_tokens": bm.num_blocks * bm.block_size,
+        "kv_gib": bm.num_blocks * runner.kv_spec.bytes_per_block / 2**30,
+        "max_concurrent_seqs_at_max_len": bm.num_blocks * bm.block_size // engine.max_model_len,
+        "load_s": engine.load_seconds, "warmup_s": runner.warmup_seconds, "kv_alloc_s": runner.kv_alloc_seconds,
+        "graph_capture_s": engine.graph_capture_seconds,
+    }
+    if torch.cuda.is_available():
+        stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        stats["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return stats
+
+
+def format_stats(stats: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())

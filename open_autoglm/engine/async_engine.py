@@ -102,6 +102,18 @@ class AsyncEngine:
 
         self.submit(abort)
 
+    # -- live weight updates [updates hook]: load + verify on a worker thread, copy between steps --
+    async def update_weights(self, source, policy: str = "drain", **options):
+        """See LLMEngine.update_weights; requests keep flowing while the new weights load."""
+        from open_autoglm.engine.updates import UpdateSource
+
+        if not isinstance(source, UpdateSource):
+            source = UpdateSource(path=str(source) if source is not None else None)
+        return await asyncio.to_thread(self.engine.updates.update, source, policy, driver=self, **options)
+
+    async def rollback(self, policy: str = "drain", **options):
+        return await asyncio.to_thread(self.engine.updates.rollback, policy, driver=self, **options)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
         self._wakeup.set()

@@ -32,9 +32,14 @@ def hf_inv_freq(hf_config, device: torch.device | None = None) -> tuple[torch.Te
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, inv_freq: torch.Tensor, max_position: int,
-                 interleaved: bool = False, attention_scaling: float = 1.0) -> None:
+                 interleaved: bool = False, attention_scaling: float = 1.0, fused: bool = False) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.fused = fused  # one in-place Triton kernel for q and k (CUDA); same roundings
+        if fused:  # imported here, not per call: needs triton, which CPU installs may lack
+            from open_autoglm.layers.triton_ops import rotary_inplace
+
+            self._rotary_inplace = rotary_inplace
         self.rotary_dim = inv_freq.numel() * 2
         self.interleaved = interleaved
         positions = torch.arange(max_position, dtype=torch.float32)
@@ -43,10 +48,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", freqs.sin() * attention_scaling, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, H, D]; k [T, Hkv, D]."""
+        """positions [T]; q [T, H, D]; k [T, Hkv, D]. The fused path rotates q and k in place."""
+        if self.fused:
+            self._rotary_inplace(positions, q, k, self.cos_cache, self.sin_cache, self.interleaved)
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, rotary_dim/2]
         sin = self.sin_cache[positions].unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def rotate_and_cache(self, positions, q, k, v, k_cache, v_cache, slot_mapping) -> None:
+        """Fused path only: rotate q, k in place and write K, V into their cache slots (one kernel)."""
+        self._rotary_inplace(positions, q, k, self.cos_cache, self.sin_cache, self.interleaved, v, k_cache,
+                             v_cache, slot_mapping)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -9,8 +9,9 @@
 
     source = {"path": folder | delta file} or {"model": NAME, "version": V | alias, "registry"?: DIR}
 
-Always behind the API key: a server started without --api-key answers 401 here (the key is what
-makes a route that replaces the weights safe to expose). An update's load and verification run
+Always behind the API key, from any client: a server started without --api-key answers 401 on
+every /admin route, saying to start it with --api-key (the key is what makes a route that
+replaces the weights safe to expose; server/gate.py enforces it, require_admin_key repeats it). An update's load and verification run
 on a worker thread; requests keep flowing and /health stays 200; only the copy is between steps.
 
     outcome                                          | status
@@ -23,7 +24,6 @@ on a worker thread; requests keep flowing and /health stays 200; only the copy i
 
 from __future__ import annotations
 
-import hmac
 from contextlib import asynccontextmanager
 from typing import Literal
 
@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from pydantic import BaseModel, ConfigDict, Field
 
 from open_autoglm.server.errors import APIError
+from open_autoglm.server.gate import ADMIN_KEY_REQUIRED, INVALID_KEY, authorized
 
 UPDATE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 STAGE_STATUS = {"resolve": 400, "compat": 400, "base": 400, "verify": 400, "memory": 507}
@@ -64,14 +65,12 @@ class RollbackBody(BaseModel):
 
 
 def require_admin_key(request: Request) -> None:
+    """The gate's rule (server/gate.py) again, for this router mounted in an app without the gate."""
     key = request.app.state.server.settings.api_key
     if not key:
-        raise APIError(401, "the admin API needs an API key: start the server with --api-key",
-                       code="admin_key_required", headers={"WWW-Authenticate": "Bearer"})
-    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(401, ADMIN_KEY_REQUIRED, code="admin_key_required", headers={"WWW-Authenticate": "Bearer"})
+    if not authorized(request.scope, key):
+        raise APIError(401, INVALID_KEY, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 @asynccontextmanager

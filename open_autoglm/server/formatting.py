@@ -8,6 +8,7 @@ import json
 from open_autoglm.engine.request import RequestOutput
 
 DONE = "data: [DONE]\n\n"
+SHUTDOWN_ABORT = "request aborted: the server is shutting down"
 
 
 def sse(obj: dict) -> str:
@@ -97,3 +98,14 @@ def fingerprint_of(finals: dict[int, RequestOutput], fallback: str) -> str:
     update landed mid-request; then the first choice's version is reported)."""
     first = finals.get(min(finals)) if finals else None
     return first.version if first is not None and first.version else fallback
+
+
+def failure(out: RequestOutput) -> tuple[int, str, str]:
+    """(status, message, code) of a sequence that ended other than by stop / length.
+
+    An abort says why when the engine recorded a reason (`error`: the update policy abort sets
+    "aborted: weights updated to <version>"); an abort without one is the shutdown timeout's,
+    the only other abort a client lives to see (one that left reads nothing)."""
+    if out.finish_reason == "abort":
+        return 503, out.error or SHUTDOWN_ABORT, "aborted"
+    return 500, f"generation failed: {out.error}", "engine_error"

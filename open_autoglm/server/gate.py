@@ -2,9 +2,13 @@
 
     check            | applies to                          | refusal
     draining         | everything but /health and /metrics | 503 + Connection: close
+    admin, no key    | /admin/... on a server without one  | 401 + WWW-Authenticate: Bearer
     API key          | everything but /health and /metrics | 401 + WWW-Authenticate: Bearer
-    admin, no key    | /admin/... from a non-loopback peer | 403 (admin is never open to the network)
     body size        | any request with a body             | 413 (read no further than the limit)
+
+Admin routes replace the weights: they always need a key, from any peer (loopback included; a
+local process is not proof of an operator). server/admin.py applies the same rule again, with
+the same answers, so its router stays closed when mounted in an app without this gate.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import hmac
 from open_autoglm.server.errors import error_bytes, failure_reason
 
 OPEN_PATHS = ("/health", "/metrics")
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+BEARER = [(b"www-authenticate", b"Bearer")]
+ADMIN_KEY_REQUIRED = "the admin API needs an API key: start the server with --api-key"
+INVALID_KEY = "missing or invalid API key: send 'Authorization: Bearer <key>'"
 
 
 class Gate:
@@ -31,12 +37,10 @@ class Gate:
             return await self.app(scope, receive, send)
         if self.state.draining:
             return await self._refuse(send, 503, "server is shutting down", "shutting_down", [(b"connection", b"close")])
-        if settings.api_key and not _authorized(scope, settings.api_key):
-            return await self._refuse(send, 401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                 "invalid_api_key", [(b"www-authenticate", b"Bearer")])
-        if not settings.api_key and path.startswith("/admin") and (scope.get("client") or ("",))[0] not in LOOPBACK:
-            return await self._refuse(send, 403, "admin routes need --api-key when reached from another host",
-                                 "admin_forbidden")
+        if not settings.api_key and is_admin_path(path):
+            return await self._refuse(send, 401, ADMIN_KEY_REQUIRED, "admin_key_required", BEARER)
+        if settings.api_key and not authorized(scope, settings.api_key):
+            return await self._refuse(send, 401, INVALID_KEY, "invalid_api_key", BEARER)
         limit = settings.max_body_bytes
         length = _header(scope, b"content-length")
         if length is not None:
@@ -65,7 +69,12 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
-def _authorized(scope, api_key: str) -> bool:
+def is_admin_path(path: str) -> bool:
+    return path == "/admin" or path.startswith("/admin/")
+
+
+def authorized(scope, api_key: str) -> bool:
+    """`Authorization: Bearer <api_key>` (compared in constant time)."""
     value = _header(scope, b"authorization") or ""
     scheme, _, token = value.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())

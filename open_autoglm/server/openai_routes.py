@@ -70,10 +70,9 @@ def _seeded(seed: int | None, j: int) -> int | None:
 
 def _check_finals(finals: dict[int, RequestOutput]) -> None:
     for out in finals.values():
-        if out.finish_reason == "error":
-            raise APIError(500, f"generation failed: {out.error}", code="engine_error", counted=True)
-        if out.finish_reason == "abort":
-            raise APIError(503, "request aborted: the server is shutting down", code="aborted", counted=True)
+        if out.finish_reason in ("error", "abort"):
+            status, message, code = fmt.failure(out)
+            raise APIError(status, message, code=code, counted=True)
 
 
 async def _run(request: Request, state, job: Job, ticket: Ticket) -> dict[int, RequestOutput] | None:
@@ -178,9 +177,8 @@ async def _completion_events(state, job: Job, body: CompletionRequest, echo: lis
 
 
 def _failed_output_body(out: RequestOutput) -> dict:
-    if out.finish_reason == "abort":
-        return error_body(503, "request aborted: the server is shutting down", code="aborted")
-    return error_body(500, f"generation failed: {out.error}", code="engine_error")
+    status, message, code = fmt.failure(out)
+    return error_body(status, message, code=code)
 
 
 # -- /v1/chat/completions ------------------------------------------------------------------------
@@ -237,14 +235,18 @@ async def _chat_events(state, job: Job, body: ChatCompletionRequest) -> AsyncIte
             out["usage"] = None
         return fmt.sse(out)
 
-    for seq in job.sequences:  # the role first, before any token (clients show the reply has begun)
-        yield chunk(state.version, seq.index, {"role": "assistant", "content": ""})
     stream = stream_job(state, job)
+    started: set[int] = set()  # choices whose role chunk went out
     try:
         async for index, out in stream:
             if out.finished and out.finish_reason not in ("stop", "length"):
                 yield fmt.sse(_failed_output_body(out))
                 break
+            if index not in started:
+                # The role first, before any token, but only once the choice has an output: then its
+                # fingerprint is the version computing it (the server's may be about to switch: drain).
+                started.add(index)
+                yield chunk(out.version, index, {"role": "assistant", "content": ""})
             if out.new_text or (body.logprobs and out.new_logprobs) or (body.return_token_ids and out.new_token_ids):
                 delta = {"content": out.new_text}
                 if body.return_token_ids:

@@ -1,12 +1,19 @@
 """CUDA graphs for decode steps: one graph per batch-size bucket, sharing one memory pool.
 
-A decode step of B sequences replays the graph of the smallest bucket >= B, with the inputs
-copied into static buffers and the extra rows padded:
+A decode step of B sequences replays the graph of the smallest bucket >= B. Its inputs go
+straight from pinned host memory into the static buffers the graph reads, padding included:
 
     row        | input_id | position | slot | seq_len | block_table
     real (< B) |  token   |   pos    | slot |  len    |  its blocks
-    pad (>= B) |    0     |    0     |  -1  |   1     |  zeros       <- slot -1: KV write skipped
+    pad (>= B) |    0     |    0     |  -1  |   0     |  zeros       <- slot -1: KV write skipped;
+                                                                         seq_len 0: attention yields 0
 
+    static64 = [input_ids | positions | slots | seq_lens] of the bucket, rows 16-byte aligned (Triton
+               compiles a variant per pointer alignment): one host->device copy per step
+    block_tables (int32): uploaded only when they changed since this bucket's last step (a decode
+               step adds a block to a sequence once every block_size steps)
+
+The graph computes logits in float32 (the sampler's dtype), so no cast runs outside it.
 Parameters and KV caches live at fixed addresses, so graphs stay valid across weight updates.
 """
 
@@ -18,8 +25,13 @@ import time
 import torch
 
 from open_autoglm.attention.base import AttentionMetadata
+from open_autoglm.worker.inputs import HostInputs
 
 logger = logging.getLogger(__name__)
+
+
+def _even(n: int) -> int:
+    return n + n % 2  # int64 rows of an even length start 16-byte aligned
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -34,29 +46,31 @@ class DecodeGraphs:
         self.model = model
         self.kv_caches = kv_caches
         self.max_seq_len = max_seq_len
+        self.device = device
         self.buckets = batch_buckets(max_batch)
         size = self.buckets[-1]
-        self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(size, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((size,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
+        self.static64 = torch.zeros(4 * _even(size), dtype=torch.long, device=device)  # a bucket: [:4 * _even(b)]
         self.block_tables = torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.last_tables = None  # (bucket, host tables) of the last upload
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
 
-    def _meta(self, batch: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:batch], query_start_loc=self.query_start_loc[:batch + 1],
-            seq_lens=self.seq_lens[:batch], block_tables=self.block_tables[:batch],
+    def _inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        ids, positions, slots, seq_lens = self.static64[:4 * _even(batch)].view(4, _even(batch))[:, :batch]
+        meta = AttentionMetadata(
+            slot_mapping=slots, query_start_loc=self.query_start_loc[:batch + 1],
+            seq_lens=seq_lens, block_tables=self.block_tables[:batch],
             query_lens_cpu=[1] * batch, seq_lens_cpu=[self.max_seq_len] * batch,
             max_query_len=1, max_seq_len=self.max_seq_len,
         )
+        return ids, positions, meta
 
     def _forward(self, batch: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.kv_caches, self._meta(batch))
-        return self.model.compute_logits(hidden)
+        ids, positions, meta = self._inputs(batch)
+        hidden = self.model(ids, positions, self.kv_caches, meta)
+        return self.model.compute_logits(hidden).float()
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -64,6 +78,7 @@ class DecodeGraphs:
         start = time.perf_counter()
         pool = None
         for batch in reversed(self.buckets):
+            self._inputs(batch)[2].slot_mapping.fill_(-1)  # capture-time forwards write nowhere
             self._forward(batch)  # warm-up: compiles kernels, settles the allocator
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -77,22 +92,35 @@ class DecodeGraphs:
                     len(self.buckets), self.buckets[-1], self.capture_seconds)
         return self.capture_seconds
 
-    def can_run(self, meta: AttentionMetadata) -> bool:
-        return meta.is_decode_only and meta.num_seqs <= self.buckets[-1]
+    def _upload_tables(self, bucket: int, tables) -> None:
+        last = self.last_tables
+        if last is not None and last[0] == bucket and last[1].shape == tables.shape and (last[1] == tables).all():
+            return
+        batch, width = tables.shape
+        host = torch.zeros((bucket, width), dtype=torch.int32, pin_memory=True)
+        host.numpy()[:batch] = tables
+        self.block_tables[:bucket, :width].copy_(host, non_blocking=True)
+        self.last_tables = (bucket, tables)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Logits [B, V] of a decode step of B sequences."""
-        batch = meta.num_seqs
+    def can_run(self, h: HostInputs) -> bool:
+        return h.is_decode_only and h.num_seqs <= self.buckets[-1]
+
+    def run(self, h: HostInputs) -> torch.Tensor:
+        """Float32 logits [S, V] of a decode step (S = rows that sample, usually all B)."""
+        batch = h.num_seqs
         bucket = next(b for b in self.buckets if b >= batch)
-        self.input_ids[:batch].copy_(input_ids, non_blocking=True)
-        self.positions[:batch].copy_(positions, non_blocking=True)
-        self.slot_mapping[:batch].copy_(meta.slot_mapping, non_blocking=True)
-        self.seq_lens[:batch].copy_(meta.seq_lens, non_blocking=True)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:batch, :width].copy_(meta.block_tables, non_blocking=True)
-        if bucket > batch:  # padding rows: write nowhere, read one slot of block 0
-            self.slot_mapping[batch:bucket].fill_(-1)
-            self.seq_lens[batch:bucket].fill_(1)
-            self.block_tables[batch:bucket].zero_()
+        host64 = torch.zeros(4 * _even(bucket), dtype=torch.long, pin_memory=True)
+        a = host64.numpy().reshape(4, _even(bucket))
+        a[0, :batch] = h.input_ids
+        a[1, :batch] = h.positions
+        a[2, :batch] = h.slots
+        a[2, batch:bucket] = -1
+        a[3, :batch] = h.seq_lens
+        self.static64[:4 * _even(bucket)].copy_(host64, non_blocking=True)
+        self._upload_tables(bucket, h.block_tables)
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:batch]
+        logits = self.outputs[bucket]
+        if h.samples_every_row:
+            return logits[:batch]
+        rows = torch.tensor(h.logits_indices, dtype=torch.long, device=self.device)
+        return logits[rows]  # a 1-token prefill chunk that does not reach the end samples nothing
