@@ -55,3 +55,27 @@ def _standin_tokenizer(vocab_size: int, eos_id: int):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos_id}", unk_token="t0")
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     return fast
+
+
+def write_random_checkpoint(name: str, directory: str | Path, seed: int = 0, device: str | None = None) -> Path:
+    """A complete model folder (safetensors + config + stand-in tokenizer) with random bf16 weights:
+    for benchmarks that need real files, e.g. live updates on a GPU machine with nothing to download."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = random_model_folder(name, directory)
+    if any(folder.glob("*.safetensors")):
+        return folder
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder
+
+
+if __name__ == "__main__":  # python -m open_autoglm.models.arch_configs NAME DIR
+    import sys
+
+    print(write_random_checkpoint(sys.argv[1], sys.argv[2]))
