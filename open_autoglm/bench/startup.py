@@ -175,6 +175,12 @@ def cmd_bench_startup(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench_startup_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("startup", help="cold start: a fresh process (and `serve`) to its first token")
+    _add_args(p)
+    return p
+
+
 def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", action="store_true", help="also time `autoglm serve` to its first completion")
     p.add_argument("--port", type=int, default=8931, help="port for --serve")
