@@ -277,6 +277,21 @@ def _last_logits(model: nn.Module, kv_spec: KVCacheSpec, device: torch.device, i
 
 
 # -- memory ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def side_stream(device: torch.device):
+    """Run the update thread's GPU work (staging copies, snapshots, warm-up) on a CUDA stream of
+    its own: on the default stream the engine's decode steps would queue behind a multi-GB copy,
+    which is exactly the latency spike a live update must not cause. Waits for it on exit."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
+
+
 def host_available_bytes() -> int:
     """MemAvailable of /proc/meminfo (what can be allocated without swapping)."""
     with contextlib.suppress(OSError, ValueError):
