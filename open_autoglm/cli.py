@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(bench_sub, "open_autoglm.bench.latency", "add_bench_latency_parser")
     _add_optional(bench_sub, "open_autoglm.bench.serving", "add_bench_serve_parser")
     _add_optional(bench_sub, "open_autoglm.bench.update", "add_bench_update_parser")
+    _add_optional(bench_sub, "open_autoglm.bench.prefix", "add_bench_prefix_parser")
+    _add_optional(bench_sub, "open_autoglm.bench.startup", "add_bench_startup_parser")
     return parser
 
 
