@@ -42,7 +42,8 @@ class EngineConfig:
     num_kv_blocks: int | None = _opt(None, "force the number of KV blocks (overrides the sizing above)")
     attention_backend: str = _opt("auto", "attention implementation: triton on GPU, torch reference on CPU", ATTENTION_BACKENDS)
     cuda_graphs: bool = _opt(True, "capture CUDA graphs for decode steps (GPU only)")
-    compile: bool = _opt(False, "torch.compile the model (GPU only)")
+    compile: bool = _opt(False, "reserved for torch.compile of the model; not implemented yet (accepted, no effect): "
+                                "our fused Triton kernels and CUDA graphs cover what it would fuse")
     seed: int = _opt(0, "seed for requests that give none")
     model_cache_dir: str | None = _opt(None, "where pulled models live (default: ~/.cache/open-autoglm)")
     load_strategy: str = _opt("prewarm", "prewarm: load and warm up at start; lazy: on first request; resident: keep versions loaded", LOAD_STRATEGIES)
@@ -90,6 +91,7 @@ def _positive(cfg: EngineConfig, *names: str) -> None:
 #   2   |     yes      |      yes        |       yes            |     yes     |      -
 #   3   |     yes      |      yes        |       yes            |     yes     |     yes
 # On CPU levels 2 and 3 run like level 1 (the GPU features have nothing to run on).
+# torch.compile (level 3) does not exist yet: level 3 runs exactly like level 2 for now.
 OPTIMIZE_LEVELS = {
     0: dict(enable_prefix_caching=False, attention_backend="torch", cuda_graphs=False, compile=False,
             max_num_batched_tokens=1 << 16),

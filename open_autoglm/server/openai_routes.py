@@ -166,14 +166,19 @@ async def _completion_events(state, job: Job, body: CompletionRequest, echo: lis
                 finals[index] = out
         else:
             if body.include_usage:
-                yield fmt.sse({**fmt.envelope("text_completion", job.request_id, created, state.model_name,
-                                              fmt.fingerprint_of(finals, state.version)),
-                               "choices": [], "usage": fmt.total_usage(job.num_prompt_tokens, finals, body.n)})
+                yield _usage_chunk("text_completion", job, created, state, finals, body.n)
     except Exception as e:
         yield fmt.sse(from_exception(e).body())
     finally:
         await stream.aclose()
     yield fmt.DONE
+
+
+def _usage_chunk(kind: str, job, created: int, state, finals: dict, n: int) -> str:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the totals."""
+    return fmt.sse({**fmt.envelope(kind, job.request_id, created, state.model_name,
+                                   fmt.fingerprint_of(finals, state.version)),
+                    "choices": [], "usage": fmt.total_usage(job.num_prompt_tokens, finals, n)})
 
 
 def _failed_output_body(out: RequestOutput) -> dict:
@@ -258,9 +263,7 @@ async def _chat_events(state, job: Job, body: ChatCompletionRequest) -> AsyncIte
                 yield chunk(out.version, index, {}, out.finish_reason)
         else:
             if body.include_usage:
-                yield fmt.sse({**fmt.envelope("chat.completion.chunk", job.request_id, created, state.model_name,
-                                              fmt.fingerprint_of(finals, state.version)),
-                               "choices": [], "usage": fmt.total_usage(job.num_prompt_tokens, finals, body.n)})
+                yield _usage_chunk("chat.completion.chunk", job, created, state, finals, body.n)
     except Exception as e:
         yield fmt.sse(from_exception(e).body())
     finally:

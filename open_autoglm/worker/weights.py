@@ -72,15 +72,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
     loaded: set[str] = set()
     unexpected: list[str] = []
     for key, tensor in tensors:
-        try:
-            target = weight_map.target(key)
-        except KeyError:
-            unexpected.append(key)
-            continue
-        if target is None:
-            continue
-        copy_checked(target, key, tensor)
-        loaded.update(target.covers)
+        place(weight_map, key, tensor, loaded, unexpected)
     missing = sorted(weight_map.expected_names() - loaded)
     if missing or unexpected:
         raise ModelLoadError(
@@ -89,6 +81,20 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
             + ("; " if missing and unexpected else "")
             + (f"unexpected keys {_short(unexpected)}" if unexpected else "")
         )
+
+
+def place(weight_map: WeightMap, key: str, tensor: torch.Tensor, loaded: set[str], unexpected: list[str]) -> None:
+    """Copy one checkpoint tensor into its storage, recording what it filled (or that nothing
+    wanted it)."""
+    try:
+        target = weight_map.target(key)
+    except KeyError:
+        unexpected.append(key)
+        return
+    if target is None:
+        return
+    copy_checked(target, key, tensor)
+    loaded.update(target.covers)
 
 
 def copy_checked(target: WeightTarget, key: str, tensor: torch.Tensor) -> None:
