@@ -120,3 +120,21 @@ class IncrementalDetokenizer:
             if any(stop.startswith(tail) for stop in self.params.stop):
                 return start
         return len(text)
+
+
+class FastDecoder:
+    """`tokenizer.decode` minus transformers' per-call Python layers: for a fast tokenizer that does
+    no clean-up, HF's decode is exactly the Rust backend's decode; the layers around it cost ~85 %
+    of the detokenizer's time, which at batch 256 was half of all host time per step (5 of 11 ms
+    on a 2-core CPU). Anything else goes through the tokenizer's own decode."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)
+        plain = backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        self.backend = backend if plain else None
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        if self.backend is None:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -17,7 +17,7 @@ import torch
 from open_autoglm.attention import get_attention_backend
 from open_autoglm.config import EngineConfig
 from open_autoglm.engine.block_manager import BlockManager
-from open_autoglm.engine.detokenizer import IncrementalDetokenizer
+from open_autoglm.engine.detokenizer import FastDecoder, IncrementalDetokenizer
 from open_autoglm.engine.request import Request, RequestOutput, RequestStatus
 from open_autoglm.engine.scheduler import Scheduler, SchedulerOutput
 from open_autoglm.engine.updates import UpdateManager, UpdateReport, UpdateSource  # [updates hook]
@@ -40,24 +40,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class FastDecoder:
-    """`tokenizer.decode` minus transformers' per-call Python layers: for a fast tokenizer that does
-    no clean-up, HF's decode is exactly the Rust backend's decode; the layers around it cost ~85 %
-    of the detokenizer's time, which at batch 256 was half of all host time per step (5 of 11 ms
-    on a 2-core CPU). Anything else goes through the tokenizer's own decode."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "_tokenizer", None)
-        plain = backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
-        self.backend = backend if plain else None
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        if self.backend is None:
-            return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-        return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **options) -> None:
         from open_autoglm.models.catalog import resolve_model
@@ -74,23 +56,12 @@ class LLMEngine:
         self.eos_token_ids = source.eos_token_ids
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.hf_config)
         self.attention = get_attention_backend(cfg.attention_backend, self.device)
-        if cfg.load_strategy == "lazy" and cfg.load_format != "dummy":  # [updates hook] weights read on 1st request
-            self.model = allocate_model(source, self.dtype, self.device, self.attention)
-        else:
-            self.model = build_model(source, self.dtype, self.device, self.attention,
-                                     random_weights=cfg.load_format == "dummy")
+        self.model = self._build_model(source)
         self.load_seconds = time.perf_counter() - t0
         context_len = self.hf_config.max_position_embeddings
         self.max_model_len = min(cfg.max_model_len or context_len, context_len)
         self.runner = ModelRunner(self.model, self.hf_config, self.device, self.dtype, cfg.block_size)
-        warmup = min(cfg.max_num_batched_tokens, self.max_model_len)
-        num_blocks = self.runner.init_kv_cache(cfg.num_kv_blocks, cfg.gpu_memory_utilization, cfg.kv_cache_bytes,
-                                               warmup if self.device.type == "cuda" else min(warmup, 64))
-        if num_blocks == 0:
-            raise RequestError("gpu_memory_utilization", "no memory left for the KV cache; raise it or lower max_num_batched_tokens")
-        self.graph_capture_seconds = 0.0
-        if self.device.type == "cuda" and cfg.cuda_graphs and self.attention.name == "triton":
-            self.graph_capture_seconds = self.runner.capture_cuda_graphs(min(cfg.max_num_seqs, 512), self.max_model_len)
+        num_blocks = self._init_kv_cache_and_graphs()
         self.version = folder_version(self.model_path)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
@@ -107,6 +78,27 @@ class LLMEngine:
             self.model_path, type(self.model).__name__, self.dtype, self.device, self.load_seconds, num_blocks,
             num_blocks * cfg.block_size, num_blocks * cfg.block_size / self.max_model_len, self.max_model_len,
         )
+
+    def _build_model(self, source):
+        cfg = self.config
+        if cfg.load_strategy == "lazy" and cfg.load_format != "dummy":  # [updates hook] weights read on 1st request
+            return allocate_model(source, self.dtype, self.device, self.attention)
+        return build_model(source, self.dtype, self.device, self.attention, random_weights=cfg.load_format == "dummy")
+
+    def _init_kv_cache_and_graphs(self) -> int:
+        """Size the KV cache after a warm-up forward (GPU: the real activation peak; CPU: a short
+        one, the byte budget decides), then capture decode CUDA graphs. Returns the block count."""
+        cfg = self.config
+        warmup = min(cfg.max_num_batched_tokens, self.max_model_len)
+        num_blocks = self.runner.init_kv_cache(cfg.num_kv_blocks, cfg.gpu_memory_utilization, cfg.kv_cache_bytes,
+                                               warmup if self.device.type == "cuda" else min(warmup, 64))
+        if num_blocks == 0:
+            raise RequestError("gpu_memory_utilization",
+                               "no memory left for the KV cache; raise it or lower max_num_batched_tokens")
+        self.graph_capture_seconds = 0.0
+        if self.device.type == "cuda" and cfg.cuda_graphs and self.attention.name == "triton":
+            self.graph_capture_seconds = self.runner.capture_cuda_graphs(min(cfg.max_num_seqs, 512), self.max_model_len)
+        return num_blocks
 
     # -- requests -------------------------------------------------------------------------------
     def decoder(self) -> FastDecoder:
