@@ -126,3 +126,13 @@ def test_cli_reports_bad_input_without_traceback(path):
     )
     assert result.returncode == 2
     assert "top_p" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_chat_two_turns(path):
+    result = subprocess.run(
+        [sys.executable, "-m", "open_autoglm.cli", "chat", "--model", path, "--temperature", "0",
+         "--max-tokens", "4"],
+        input="hello there\nand again\n/exit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(">>> ") == 3  # two answered turns, then /exit
