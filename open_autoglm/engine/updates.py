@@ -129,7 +129,7 @@ class UpdateManager:
             if mode == "auto":
                 report.mode = mode = "delta" if path.is_file() and path.suffix != ".gguf" else "full"
             live, plan = self.identity, self.planner
-            with wu.side_stream(self.engine.device):
+            with wu.side_stream(self.engine.device), wu.short_gil_slices():
                 sw = (plan.plan_full(live, path, manifest, staging, _prompts(warmup_prompts), report)
                       if mode == "full" else plan.plan_delta(live, path, manifest, warmup_prompts or [], report))
         except BaseException as e:
@@ -148,7 +148,7 @@ class UpdateManager:
             if not self.history:
                 raise UpdateError("resolve", "nothing to roll back: no update since start (or history exhausted)")
             entry = self.history[-1]
-            with timed_stage(report, "snapshot"), wu.side_stream(self.engine.device):
+            with timed_stage(report, "snapshot"), wu.side_stream(self.engine.device), wu.short_gil_slices():
                 backup = self.held.backup_for(self.identity, entry.patch.targets, entry.patch.names,
                                               entry.mode == "full")
             report.num_tensors = len(entry.patch.targets)
@@ -175,7 +175,7 @@ class UpdateManager:
                 raise UpdateError("resolve", "preload keeps versions in host memory: it needs load_strategy resident")
             with timed_stage(report, "resolve"):
                 path, manifest = self.planner.resolve(source)
-            with wu.side_stream(self.engine.device):
+            with wu.side_stream(self.engine.device), wu.short_gil_slices():
                 identity, weights, _ = self.planner.load_full(self.identity, path, manifest, "host",
                                                               _prompts(warmup_prompts), report)
             self.held.keep_resident(identity, weights)

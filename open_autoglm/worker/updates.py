@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,6 +279,20 @@ def _last_logits(model: nn.Module, kv_spec: KVCacheSpec, device: torch.device, i
 
 
 # -- memory ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def short_gil_slices(interval_s: float = 0.0005):
+    """While the update thread works, hand the GIL around every 0.5 ms instead of Python's 5 ms.
+    The engine thread drops the GIL around each CUDA call and must win it back every time; against
+    a busy staging thread each win can cost a whole switch interval (the convoy effect), which
+    multiplies into long pauses between decode steps. Process-wide, so one update at a time (409)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
 @contextlib.contextmanager
 def side_stream(device: torch.device):
     """Run the update thread's GPU work (staging copies, snapshots, warm-up) on a CUDA stream of
