@@ -15,7 +15,6 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -52,9 +51,6 @@ class AsyncEngine:
     @property
     def is_ready(self) -> bool:
         return self.ready.is_set() and self.is_alive
-
-    def num_unfinished(self) -> int:
-        return len(self._streams)
 
     # -- API for callers on an event loop -----------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,
@@ -180,11 +176,3 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(q.put_nowait, out)
             except RuntimeError:  # the caller's loop is closed: nobody is listening
                 pass
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.ready.wait(0.1):
-            if self.load_error is not None:
-                raise self.load_error
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("engine did not become ready in time")
