@@ -13,20 +13,21 @@ from torch import nn
 
 
 def default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim))
 
 
 def hf_inv_freq(hf_config, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling for any rope type transformers knows (llama3, yarn, ...)."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
+    """Inverse frequencies and attention scaling for any rope type transformers knows (llama3, yarn, ...).
+    The default type is computed here: transformers' rope module is imported only for the others."""
     params = getattr(hf_config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         return default_inv_freq(rotary_dim, params.get("rope_theta", 10000.0)), 1.0
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device or torch.device("cpu"))
     return inv_freq.float().cpu(), float(scaling)
 
 
@@ -42,10 +43,14 @@ class RotaryEmbedding(nn.Module):
             self._rotary_inplace = rotary_inplace
         self.rotary_dim = inv_freq.numel() * 2
         self.interleaved = interleaved
-        positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq.to(positions.device)[None, :]  # [P, rotary_dim/2]
-        self.register_buffer("cos_cache", freqs.cos() * attention_scaling, persistent=False)
-        self.register_buffer("sin_cache", freqs.sin() * attention_scaling, persistent=False)
+        # Tables computed on the CPU, then moved to the device being built on: on the meta device
+        # (a shadow model for a live update) the same ops would first import torch's meta kernels
+        # and sympy, seconds of GIL-holding work on the update thread while the engine serves.
+        target = torch.empty(0).device  # the `with torch.device(...)` being built under, if any
+        positions = torch.arange(max_position, dtype=torch.float32, device="cpu")
+        freqs = positions[:, None] * inv_freq.to("cpu", torch.float32)[None, :]  # [P, rotary_dim/2]
+        self.register_buffer("cos_cache", (freqs.cos() * attention_scaling).to(target), persistent=False)
+        self.register_buffer("sin_cache", (freqs.sin() * attention_scaling).to(target), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, H, D]; k [T, Hkv, D]. The fused path rotates q and k in place."""

@@ -81,7 +81,7 @@ def build_shadow(model: nn.Module, hf_config, device: torch.device, backend,
                  params: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The live model's twin on `device`: uninitialized parameters (same names, shapes, dtypes,
     ties; filled by `load_verified`), or the given `params` by name; the live buffers."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():  # random init on meta would import torch's meta kernels
         shadow = type(model)(hf_config, backend)
     live = dict(model.named_parameters())
     made: dict[int, nn.Parameter] = {}  # meta param id -> real one, so tied weights stay tied
