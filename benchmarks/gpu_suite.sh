@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # GPU suite for issue 4 (the fast path): gpu tests, then every benchmark, then a short table.
 #
-#   bash benchmarks/gpu_suite.sh OUT_DIR [--peers] [--steps tests,gemv,latency,throughput,prefix,startup]
+#   bash benchmarks/gpu_suite.sh OUT_DIR [--peers] [--gptfast] [--steps tests,gemv,latency,throughput,prefix,startup]
 #   (latency_qwen / latency_llama pick one model: with --peers each takes minutes of compiling)
 #
 # Runs on the lent GPU machine from the repo root, wheels carried in .whl (xxhash, server deps).
 # --peers adds transformers generate_batch (throughput) and the gpt-fast-style loop (latency),
-# each several minutes of compile / slow generation. Each step has its own timeout and may fail
+# each several minutes of compile / slow generation; --gptfast adds only the latter (check it
+# alone first: benchmarks/gptfast_gpu_check.py). Each step has its own timeout and may fail
 # without stopping the rest. OUT_DIR gets suite.log (everything, table last) and j/*.json (one
 # report per benchmark, at most 7: the lent machine returns 8 files); merge them anywhere with
 # `python benchmarks/gpu_summary.py OUT_DIR/j results.json`.
 set -u
 OUT=${1:?out dir}; shift
 PEERS=0; GPTFAST=0; STEPS=tests,gemv,latency,throughput,prefix,startup
-while [ $# -gt 0 ]; do case $1 in --peers) PEERS=1;; --gptfast) GPTFAST=1;; --steps) STEPS=$2; shift;; esac; shift; done
+while [ $# -gt 0 ]; do case $1 in --peers) PEERS=1; GPTFAST=1;; --gptfast) GPTFAST=1;; --steps) STEPS=$2; shift;; esac; shift; done
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 J="$OUT/j"; mkdir -p "$J"            # per-benchmark JSON (kept if the run is cut short)
@@ -47,11 +48,11 @@ python3 -c "import open_autoglm.engine.llm_engine, open_autoglm.models.catalog, 
 want tests && step pytest_gpu 240 python3 -m pytest -q -p no:cacheprovider -m gpu -n 4 -rfE tests/test_gpu_engine.py tests/test_sampler.py
 want gemv && step gemv_microbench 120 python3 benchmarks/gemv_gpu.py
 
-GF=""; HF=""
+GF=""; HF=""; LAT_S=300
 [ "$PEERS" = 1 ] && HF="--peer hf --plot $OUT/throughput_qwen.png"
-[ "$GPTFAST" = 1 ] && GF="--peer gptfast"  # failed in run 4 (CUDA-graph output overwritten): opt-in
-{ want latency || want latency_qwen; } && step latency_qwen 300 $CLI bench latency $QWEN --input-len 512 --output-len 256 --max-model-len 4096 $GF --json "$J/latency_qwen.json"
-{ want latency || want latency_llama; } && step latency_llama 300 $CLI bench latency $LLAMA --input-len 512 --output-len 256 --max-model-len 4096 $GF --json "$J/latency_llama.json"
+[ "$GPTFAST" = 1 ] && GF="--peer gptfast" && LAT_S=450  # + the peer's compile (run 4's old peer: ~150 s)
+{ want latency || want latency_qwen; } && step latency_qwen $LAT_S $CLI bench latency $QWEN --input-len 512 --output-len 256 --max-model-len 4096 $GF --json "$J/latency_qwen.json"
+{ want latency || want latency_llama; } && step latency_llama $LAT_S $CLI bench latency $LLAMA --input-len 512 --output-len 256 --max-model-len 4096 $GF --json "$J/latency_llama.json"
 if want throughput; then
   step throughput_qwen 360 $CLI bench throughput $QWEN --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 1024 --max-num-batched-tokens 8192 $HF --json "$J/throughput_qwen.json"
   step throughput_llama 150 $CLI bench throughput $LLAMA --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 1024 --max-num-batched-tokens 8192 --json "$J/throughput_llama.json"
