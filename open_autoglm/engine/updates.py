@@ -63,6 +63,7 @@ from open_autoglm.engine.update_switch import SwitchRunner
 from open_autoglm.errors import ModelLoadError
 from open_autoglm.registry import Manifest, RegistryError
 from open_autoglm.registry.manifest import MANIFEST_FILE
+from open_autoglm.worker import transfer
 from open_autoglm.worker import updates as wu
 from open_autoglm.worker.updates import UpdateError, UpdateInProgress
 
@@ -91,6 +92,7 @@ class UpdateManager:
         self.switcher = SwitchRunner(engine, self.ledger, self._set_identity)
         self.lazy_source = None          # ModelSource whose weights load on the first request
         self.lazy_load_seconds: float | None = None
+        transfer.prepare(engine.device)  # the page-locked bounce buffer, now rather than mid-update
 
     # -- read by status(), the admin routes, the metrics and the tests --------------------------
     @property
@@ -155,13 +157,15 @@ class UpdateManager:
             report.model_bytes = wu.nbytes_of(self.engine.model.parameters())
             report.to_version = entry.previous.version
             report.manifest_hash = entry.previous.manifest_hash
-            report.staging = "host"
+            with timed_stage(report, "load"), wu.side_stream(self.engine.device), wu.short_gil_slices():
+                patch = wu.on_device(entry.patch, self.engine.device)  # the switch then copies on the device
+            report.staging = "device" if patch is not entry.patch else "host"
 
             def on_done() -> None:
                 self.history.pop()
                 self.counters.rollbacks += 1
 
-            sw = Switch(entry.patch, backup, entry.previous, policy, report, on_done)
+            sw = Switch(patch, backup, entry.previous, policy, report, on_done)
         except BaseException as e:
             raise self.ledger.abandon(report, e) from None
         return self._install(sw, policy, drain_timeout, driver)

@@ -26,6 +26,7 @@ from open_autoglm.registry.manifest import (
     weight_files,
 )
 from open_autoglm.registry.safetensors_io import MappedFile, hash_bytes, hash_file
+from open_autoglm.worker import transfer
 from open_autoglm.worker.updates import UpdateError, check_shape, tensor_from_bytes
 from open_autoglm.worker.weights import WeightMap
 
@@ -94,7 +95,7 @@ def _stage_one(weight_map: WeightMap, key: str, tensor: torch.Tensor, loaded: se
     if target is None:
         return
     check_shape(key, tuple(tensor.shape), target.view)
-    target.view.copy_(tensor)  # converts dtype and device
+    transfer.copy(target.view, tensor)  # converts dtype and device; no pageable DMA (worker/transfer.py)
     loaded.update(target.covers)
 
 

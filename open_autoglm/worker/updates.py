@@ -29,6 +29,7 @@ from torch import nn
 
 from open_autoglm.attention.base import AttentionMetadata
 from open_autoglm.errors import AutoGLMError
+from open_autoglm.worker import transfer
 from open_autoglm.worker.kv_cache import KVCacheSpec, allocate_kv_cache
 from open_autoglm.worker.weights import WeightMap
 
@@ -168,7 +169,7 @@ def stage_patch(model: nn.Module, tensors, device: torch.device) -> Patch:
             continue
         check_shape(name, tuple(shape), target.view)
         value = torch.empty_like(target.view, device=device)
-        value.copy_(tensor_from_bytes(data, st_dtype, shape))
+        transfer.copy(value, tensor_from_bytes(data, st_dtype, shape))
         patch.names.append(name)
         patch.targets.append(target.view)
         patch.values.append(value)
@@ -202,19 +203,24 @@ def full_patch(model: nn.Module, weights: dict[str, torch.Tensor]) -> Patch:
 # -- snapshot and copy ----------------------------------------------------------------------------
 @torch.no_grad()
 def snapshot(targets: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Host copies of live storage, pinned on CUDA so a rollback copies at full speed (pageable
-    copies measured worse on an H100: longer engine stalls during the update; RESULTS.md)."""
-    out = []
-    for t in targets:
-        pin = t.device.type == "cuda"
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-        host.copy_(t)
-        out.append(host)
-    return out
+    """Pageable host copies of live storage, read through the bounce buffer (worker/transfer.py:
+    page-locked allocations and pageable copies on the update thread stall every engine step)."""
+    return [transfer.to_host(t) for t in targets]
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    dst.copy_(src, non_blocking=src.is_pinned())
+def on_device(patch: Patch, device: torch.device) -> Patch:
+    """`patch` with its values copied to `device` when there is room (update thread), so the
+    switch between steps is a device-to-device copy; else `patch` itself."""
+    if device.type != "cuda" or all(v.device == device for v in patch.values):
+        return patch
+    if device_free_bytes(device) < patch.nbytes + (256 << 20):
+        return patch
+    values = []
+    for v in patch.values:
+        staged = torch.empty(v.shape, dtype=v.dtype, device=device)
+        transfer.copy(staged, v)
+        values.append(staged)
+    return Patch(patch.names, patch.targets, values, patch.owners)
 
 
 @torch.no_grad()
@@ -232,11 +238,15 @@ def copy_patch(patch: Patch, backup: list[torch.Tensor] | None) -> int:
             raise UpdateError("switch", f"copy failed after {done} of {len(patch.targets)} tensors ({e}); "
                                         f"no snapshot to restore from") from e
         for dst, old in zip(patch.targets[:done + 1], backup[:done + 1]):
-            dst.copy_(old)
+            transfer.copy(dst, old)
         _sync(patch.targets)
         raise UpdateError("switch", f"copy failed after {done} of {len(patch.targets)} tensors "
                                     f"({type(e).__name__}: {e}); the old weights were copied back") from e
     return patch.nbytes
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    transfer.copy(dst, src)
 
 
 def _sync(targets: list[torch.Tensor]) -> None:
