@@ -54,6 +54,31 @@ def instrument(engine) -> None:
         timed(wu, name)
     timed(loader, "open_source")
     timed(update_state.HeldWeights, "backup_for")
+    from open_autoglm.engine import update_plans
+    from open_autoglm.registry import Registry
+    from open_autoglm.registry.manifest import Manifest
+    from open_autoglm.worker import transfer
+
+    for name in ("_h2d", "_d2h", "to_host"):
+        timed(transfer, name)
+    timed(wu, "on_device")
+    for name in ("diff_manifests", "read_changed", "compute_manifest"):
+        timed(update_plans, name)
+    for name in ("resolve", "_warm_up_patch", "_stage_registry_diff", "_live_manifest", "_check_config",
+                 "_identity_after_delta", "_staging_device"):
+        timed(update_plans.UpdatePlanner, name)
+    timed(Registry, "resolve", "Registry.resolve")
+    timed(Manifest, "load", "Manifest.load")
+    empty_like = torch.empty_like
+
+    def timed_empty_like(*args, **kwargs):  # device allocations on the update thread (cudaMalloc?)
+        t0 = time.perf_counter()
+        out = empty_like(*args, **kwargs)
+        if out.is_cuda and threading.current_thread().name != "autoglm-engine":
+            EVENTS.append(("torch.empty_like(cuda)", threading.current_thread().name, t0, time.perf_counter()))
+        return out
+
+    torch.empty_like = timed_empty_like
     step = engine.step
 
     def timed_step():
