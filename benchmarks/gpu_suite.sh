@@ -45,7 +45,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log, never abort the suite
 python3 -c "import open_autoglm.engine.llm_engine, open_autoglm.models.catalog, open_autoglm.server.cli, open_autoglm.bench.startup, open_autoglm.bench.prefix, open_autoglm.layers.triton_ops; print('imports ok')" 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "preflight failed" | tee -a "$LOG"; exit 1; }
 
-want tests && step pytest_gpu 240 python3 -m pytest -q -p no:cacheprovider -m gpu -n 4 -rfE tests/test_gpu_engine.py tests/test_sampler.py
+want tests && step pytest_gpu 300 python3 -m pytest -q -p no:cacheprovider -m gpu -n 4 -rfE tests/test_attention.py tests/test_gpu_engine.py tests/test_gpu_transfer.py tests/test_sampler.py tests/test_peers.py
 want gemv && step gemv_microbench 120 python3 benchmarks/gemv_gpu.py
 
 GF=""; HF=""; LAT_S=300
