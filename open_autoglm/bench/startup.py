@@ -36,13 +36,8 @@ def child(options: dict) -> None:
     from open_autoglm.llm import LLM
     from open_autoglm.sampling_params import SamplingParams
 
-    t_torch = time.time()
-    import transformers  # noqa: F401  (the engine imports it on first use: timed apart here)
-    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
-
     t_imported = time.time()
     parts = _time_engine_parts()
-    parts["import_transformers_s"] = t_imported - t_torch
     llm = LLM(**options)
     t_ready = time.time()
     llm.generate([[1000 + i for i in range(16)]], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
@@ -55,8 +50,9 @@ def child(options: dict) -> None:
 
 def _time_engine_parts() -> dict:
     """Wrap the engine's start-up calls with timers (the engine's own load_seconds lumps them):
-    config + tokenizer, the attention backend (first CUDA call: context creation), model
-    allocation, random / checkpoint weights. Returns the dict the timers fill."""
+    config + tokenizer (transformers is first imported there, by the tokenizer), the attention
+    backend (first CUDA call: context creation), model allocation, random / checkpoint weights.
+    Returns the dict the timers fill."""
     import open_autoglm.engine.llm_engine as engine_module
     import open_autoglm.models.catalog as catalog
     import open_autoglm.models.loader as loader
@@ -77,22 +73,11 @@ def _time_engine_parts() -> dict:
 
     timed(catalog, "resolve_model", "resolve_model_s")
     timed(engine_module, "open_source", "config_tokenizer_s")
+    timed(loader, "_read_config", "config_s")  # inside open_source: config.json (AutoConfig only as fallback)
+    timed(loader, "_load_tokenizer", "tokenizer_s")  # inside open_source: imports transformers' tokenizer classes
     timed(engine_module, "get_attention_backend", "attention_backend_cuda_init_s")
     timed(engine_module, "build_model", "build_model_s")
     timed(loader, "init_random", "random_weights_s")  # inside build_model
-    from transformers import AutoConfig, AutoTokenizer
-
-    for cls, label in ((AutoConfig, "auto_config_s"), (AutoTokenizer, "auto_tokenizer_s")):  # inside open_source
-        fn = cls.from_pretrained
-
-        def wrapper(*args, _fn=fn, _label=label, **kwargs):
-            t0 = time.time()
-            try:
-                return _fn(*args, **kwargs)
-            finally:
-                parts[_label] = parts.get(_label, 0.0) + time.time() - t0
-
-        cls.from_pretrained = wrapper
     return parts
 
 
@@ -109,8 +94,8 @@ def run_engine(options: dict, env: dict) -> dict:
 
 
 def run_serve(model: str, engine_flags: list[str], env: dict, port: int, timeout: float = 300.0) -> dict:
-    cmd = [sys.executable, "-m", "open_autoglm.cli", "serve", "--model", model, "--port", str(port),
-           "--served-model-name", "bench", "--no-access-log", *engine_flags]
+    cmd = [sys.executable, "-m", "open_autoglm.cli", "serve", *(["--model", model] if model else []),
+           "--port", str(port), "--served-model-name", "bench", "--no-access-log", *engine_flags]
     t0 = time.time()
     log_file = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the server
     proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)

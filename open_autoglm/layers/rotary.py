@@ -18,7 +18,8 @@ def default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
 
 def hf_inv_freq(hf_config, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and attention scaling for any rope type transformers knows (llama3, yarn, ...).
-    The default type is computed here: transformers' rope module is imported only for the others."""
+    The default type is computed here: transformers' rope module is imported only for the others.
+    `hf_config` is a transformers config or a models.model_config.ModelConfig (plain data)."""
     params = getattr(hf_config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
@@ -27,6 +28,12 @@ def hf_inv_freq(hf_config, device: torch.device | None = None) -> tuple[torch.Te
         return default_inv_freq(rotary_dim, params.get("rope_theta", 10000.0)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    if not hasattr(hf_config, "standardize_rope_params"):  # a ModelConfig: the rope functions call this method
+        # The base class is enough (they read rope_parameters and the shape) and, unlike the
+        # architecture's config class, does not import transformers' validators and torch.distributed.
+        from transformers.configuration_utils import PreTrainedConfig
+
+        hf_config = PreTrainedConfig(**hf_config.to_dict())
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device or torch.device("cpu"))
     return inv_freq.float().cpu(), float(scaling)
 
