@@ -346,3 +346,20 @@ def test_resident_versions_switch_without_loading(reg):
     again = engine.update_weights(src)
     assert again.staging == "resident" and tokens(run(engine)) == v3_tokens
     assert {r["version"] for r in engine.updates.status()["resident"]} == {"v1", "v3"}
+
+
+def test_a_swap_keeps_the_live_tokenizer_when_its_files_are_unchanged(reg, tmp_path):
+    """Loading a tokenizer holds the GIL for a while (the engine thread would stall): a full swap
+    reuses the live one when every tokenizer file is byte-identical, and loads its own otherwise."""
+    engine = make_engine(reg.resolve("tiny", "v1"))
+    live_tokenizer = engine.tokenizer
+    engine.update_weights(UpdateSource(model="tiny", version="v3", registry=str(reg.root)))
+    assert engine.tokenizer is live_tokenizer
+    changed = tmp_path / "v3-new-template"
+    shutil.copytree(reg.resolve("tiny", "v3"), changed)
+    (changed / "manifest.json").unlink()
+    config = changed / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("{", '{"padding_side": "left", ', 1))
+    engine.update_weights(str(changed))
+    assert engine.tokenizer is not live_tokenizer and str(engine.tokenizer.name_or_path).endswith("v3-new-template")
+    assert tokens(run(engine)) == tokens(run(make_engine(reg.resolve("tiny", "v3"))))

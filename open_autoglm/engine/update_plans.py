@@ -33,6 +33,7 @@ from open_autoglm.errors import ModelLoadError
 from open_autoglm.registry import Manifest, Registry, RegistryError, compute_manifest, diff_manifests
 from open_autoglm.registry.delta import read_delta
 from open_autoglm.registry.manifest import MANIFEST_FILE, folder_files, weight_files
+from open_autoglm.registry.safetensors_io import hash_file
 from open_autoglm.worker import updates as wu
 from open_autoglm.worker.update_loading import load_verified, read_changed
 from open_autoglm.worker.updates import Patch, UpdateError
@@ -120,7 +121,7 @@ class UpdatePlanner:
             report.manifest_hash, report.num_tensors = manifest.manifest_hash, len(cached[1])
             return cached[0], cached[1], torch.device("cpu")
         with timed_stage(report, "load"):
-            source = open_source(path)
+            source = open_source(path, same_tokenizer(live, path))
         with timed_stage(report, "compat"):
             self._check_config(source.hf_config)
         with timed_stage(report, "memory"):
@@ -229,7 +230,7 @@ class UpdatePlanner:
             return Identity(name, target, folder or live.model_path, live.tokenizer, live.eos_token_ids,
                             live.hf_config)
         with timed_stage(report, "compat"):
-            source = open_source(files_path)
+            source = open_source(files_path, same_tokenizer(live, files_path))
             self._check_config(source.hf_config)
         return Identity(name, target, folder or files_path, source.tokenizer, source.eos_token_ids, source.hf_config)
 
@@ -307,6 +308,22 @@ class UpdatePlanner:
         vocab = self.engine.hf_config.vocab_size
         encoded = ([t for t in tokenizer.encode(text, add_special_tokens=True) if 0 <= t < vocab] for text in texts)
         return [ids for ids in encoded if ids]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def same_tokenizer(live: Identity, path: Path):
+    """The live tokenizer if `path` holds the same tokenizer files (byte for byte) as the live
+    folder, else None (the update loads its own)."""
+    if path.suffix == ".gguf" or not live.model_path.is_dir():
+        return None
+    for name in TOKENIZER_FILES:
+        a, b = live.model_path / name, path / name
+        if a.is_file() != b.is_file() or (a.is_file() and hash_file(a) != hash_file(b)):
+            return None
+    return live.tokenizer
 
 
 def _load_unverified(shadow, source) -> None:

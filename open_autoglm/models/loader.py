@@ -44,15 +44,17 @@ class ModelSource:
         return iter_safetensors(self.path)
 
 
-def open_source(path: Path) -> ModelSource:
-    """Read config, tokenizer and EOS ids of an HF folder or a .gguf file."""
+def open_source(path: Path, tokenizer=None) -> ModelSource:
+    """Read config, tokenizer and EOS ids of an HF folder or a .gguf file. A live update passes the
+    live `tokenizer` when the folder's tokenizer files are the same (loading one holds the GIL for
+    a few hundred ms: the engine thread would stall)."""
     if path.suffix == ".gguf":
         return _open_gguf(path)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: not a model folder (no config.json)")
     hf_config = _read_config(path)
     model_class_for(hf_config)  # fail early on unsupported architectures
-    tokenizer = _load_tokenizer(path, hf_config)
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(path, hf_config)
     generation = _read_json(path / "generation_config.json")
     eos = _eos_ids(generation.get("eos_token_id"), hf_config.eos_token_id, tokenizer.eos_token_id)
     return ModelSource(path, hf_config, tokenizer, eos, is_gguf=False)
