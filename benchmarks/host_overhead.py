@@ -8,6 +8,7 @@ on this repo's sources otherwise), so incremental detokenization does real work.
     python benchmarks/host_overhead.py                       # batch 256 and batch 1, table at the end
     python benchmarks/host_overhead.py --profile 25          # + cProfile of batch-256 decode steps
     python benchmarks/host_overhead.py --stub-forward        # model replaced by a stub (see below)
+    python benchmarks/host_overhead.py --final-only          # requests added with final_only=True
 
 Workloads (like `autoglm bench throughput` / `bench latency`): all requests submitted at once
 through `LLM.generate`, greedy, EOS ignored, fixed lengths. Only pure decode steps are counted.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import json
 import os
@@ -50,6 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from open_autoglm.llm import LLM  # noqa: E402
 from open_autoglm.sampling_params import SamplingParams  # noqa: E402
 
+# The clock of every phase: this thread's CPU time by default (--clock cpu). On a shared machine a
+# wall clock also counts the time other processes hold the core; CPU time does not (torch runs the
+# tiny model on this thread: --threads 1).
+CLOCK = [time.thread_time]
 PHASES = ("schedule", "prepare", "forward", "sample", "postprocess")
 SMOLLM2 = Path.home() / ".cache" / "open-autoglm" / "models" / "smollm2-135m"
 
@@ -122,11 +128,11 @@ class Phases:
 
     def _timed(self, fn, phase: str):
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = CLOCK[0]()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._current[phase] += time.perf_counter() - t0
+                self._current[phase] += CLOCK[0]() - t0
         return timed
 
     def _wrap_engine(self, engine) -> None:
@@ -135,9 +141,9 @@ class Phases:
         schedule = engine.scheduler.schedule
 
         def timed_schedule():
-            t0 = time.perf_counter()
+            t0 = CLOCK[0]()
             batch = schedule()
-            self._current["schedule"] += time.perf_counter() - t0
+            self._current["schedule"] += CLOCK[0]() - t0
             self._is_decode = bool(batch.scheduled) and all(n == 1 for _, n in batch.scheduled)
             return batch
 
@@ -169,9 +175,9 @@ class Phases:
         def timed_step():
             if self.profiler is not None and self.profile_decode:
                 self.profiler.enable()
-            t0 = time.perf_counter()
+            t0 = CLOCK[0]()
             outputs = step()
-            total = time.perf_counter() - t0
+            total = CLOCK[0]() - t0
             if self.profiler is not None:
                 self.profiler.disable()
             self._finish_step(total)
@@ -201,6 +207,8 @@ def run(llm: LLM, batch: int, args) -> tuple[dict, str]:
     engine = llm.engine
     vocab = engine.hf_config.vocab_size
     phases = Phases(engine, args.stub_forward)
+    if args.final_only:  # what LLM.generate gets by adding its requests with final_only=True
+        engine.add_request = functools.partial(engine.add_request, final_only=True)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     best: dict | None = None
     profiler = None
@@ -209,7 +217,7 @@ def run(llm: LLM, batch: int, args) -> tuple[dict, str]:
         prompts = torch.randint(min(1000, vocab // 2), vocab, (batch, args.input_len), generator=gen).tolist()
         phases.decode_steps = []
         phases.profile_decode = False
-        if args.profile and batch > 1 and rep == 0:  # profiled run: slower, so never the one kept
+        if args.profile and rep == 0:  # profiled run: slower, so never the one kept
             phases.profiler = profiler = cProfile.Profile()
         outputs = llm.generate(prompts, params)
         phases.profiler = None
@@ -243,10 +251,14 @@ def main() -> int:
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N functions (tottime)")
     p.add_argument("--stub-forward", action="store_true", help="replace the model by a stub: engine host code only")
     p.add_argument("--repeat", type=int, default=3, help="runs per batch size; the least disturbed one is kept")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="this thread's CPU time, or wall time")
+    p.add_argument("--final-only", action="store_true",
+                   help="add requests with final_only=True (one output per request, text decoded at the end)")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the model is tiny; 1 is steadiest)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    CLOCK[0] = time.thread_time if args.clock == "cpu" else time.perf_counter
     import open_autoglm.worker.model_runner as model_runner
 
     original_build = model_runner.build_host_inputs
@@ -265,8 +277,9 @@ def main() -> int:
                 print(f"--- cProfile, batch {batch}, decode steps ---\n{report}")
             del llm
     mode = "stub forward" if args.stub_forward else "tiny random model (hidden 64, 2 layers)"
+    mode += ", final_only requests" if args.final_only else ", a RequestOutput per token (as LLM.generate today)"
     print(f"{mode}; tokenizer: {described}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs; {args.input_len} in -> {args.output_len} out, greedy, ignore_eos")
+          f"{os.cpu_count()} CPUs; {args.clock} clock; {args.input_len} in -> {args.output_len} out, greedy, ignore_eos")
     print(f"\n{'batch':>5} " + " ".join(f"{p:>12}" for p in (*PHASES, "host", "total"))
           + "   ms per decode step (median)")
     for batch, s in results.items():

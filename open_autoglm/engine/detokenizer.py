@@ -36,7 +36,8 @@ class IncrementalDetokenizer:
                     └ already emitted ┘     └ new, pending ┘
     """
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
+                 final_only: bool = False) -> None:
         self.tokenizer = tokenizer
         self.params = params
         self.num_prompt_tokens = len(prompt_token_ids)  # kept for callers; text starts at the output
@@ -47,23 +48,43 @@ class IncrementalDetokenizer:
         self._read_offset = 0
         self._held_text = ""  # decoded text withheld because it may begin a stop string
         self._max_stop_len = max((len(s) for s in params.stop), default=0)
+        # The hot path calls the decode function directly: FastDecoder's Rust backend when it has one.
+        fast = isinstance(tokenizer, FastDecoder)
+        backend = tokenizer.backend if fast else None
+        self._decode_fn = backend.decode if backend is not None else tokenizer.decode
+        self._skip_special = params.skip_special_tokens
+        self._single = tokenizer.single[self._skip_special] if fast else None  # decode([t]) memo
+        # Nobody reads the deltas and no stop string needs matching: decode once, in finish(), with
+        # decode(output_ids), which is what the deltas concatenate to (module docstring).
+        self.deferred = final_only and not params.stop
 
     def append(self, token_id: int) -> tuple[str, str | None]:
         """Add one generated token; return (text that is now safe to emit, the stop string matched or None)."""
         if self.stop_reason is not None:
             return "", None  # the output already ended at a stop string
         self.output_token_ids.append(token_id)
-        return self._emit(self._decode_new(final=False))
+        if self.deferred:
+            return "", None
+        delta = self._decode_new(final=False)
+        if self._max_stop_len == 0:  # no stop strings: nothing to match or hold back (_emit's no-op)
+            if delta:
+                self.output_text += delta
+            return delta, None
+        return self._emit(delta)
 
     def finish(self) -> str:
         """Text still held back, emitted when the request ends for another reason (length, eos, abort)."""
         if self.stop_reason is not None:
             return ""
+        if self.deferred:  # everything was held back
+            self.output_text = self._decode(self.output_token_ids)
+            self._read_offset = len(self.output_token_ids)
+            return self.output_text
         delta, _ = self._emit(self._decode_new(final=True), final=True)
         return delta
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=self.params.skip_special_tokens)
+        return self._decode_fn(token_ids, skip_special_tokens=self._skip_special)
 
     def _decode_new(self, final: bool) -> str:
         """Text of the tokens after read_offset, or "" while it ends in a split character.
@@ -71,15 +92,22 @@ class IncrementalDetokenizer:
         Offsets only move when text comes out, so held tokens stay in the next step's window.
         """
         ids = self.output_token_ids
-        if self._read_offset == len(ids):
+        read = self._read_offset
+        if read == len(ids):
             return ""
-        prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(ids[self._prefix_offset :])
+        prefix, decode, skip = self._prefix_offset, self._decode_fn, self._skip_special
+        if read - prefix == 1 and self._single is not None:  # the usual window: the last emitted token
+            prefix_text = self._single.get(ids[prefix])
+            if prefix_text is None:
+                prefix_text = self._single[ids[prefix]] = decode(ids[prefix:read], skip_special_tokens=skip)
+        else:
+            prefix_text = decode(ids[prefix:read], skip_special_tokens=skip) if read > prefix else ""
+        new_text = decode(ids[prefix:], skip_special_tokens=skip)
         if len(new_text) <= len(prefix_text) and not final:
             return ""  # e.g. a skipped special token: keep it in the window for context
         if new_text.endswith(_REPLACEMENT_CHAR) and not final:
             return ""
-        self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        self._prefix_offset, self._read_offset = read, len(ids)
         return new_text[len(prefix_text) :]
 
     def _emit(self, delta: str, final: bool = False) -> tuple[str, str | None]:
@@ -133,6 +161,9 @@ class FastDecoder:
         backend = getattr(tokenizer, "_tokenizer", None)
         plain = backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
         self.backend = backend if plain else None
+        # decode([t]) memo per skip_special_tokens flag: the detokenizer's context window is one
+        # token most steps, and one token's text depends on nothing else. At most one entry per id.
+        self.single: tuple[dict[int, str], dict[int, str]] = ({}, {})
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         if self.backend is None:

@@ -111,7 +111,10 @@ class LLMEngine:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, final_only: bool = False) -> str:
+        """Queue a request. final_only: the caller reads only its final output (offline batches);
+        no per-step RequestOutput is built for it and, without stop strings, its text is decoded
+        once at the end."""
         params = params or SamplingParams()
         prompt_ids = self._prompt_ids(prompt)
         self._check_fits(prompt_ids, params)
@@ -119,10 +122,12 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError("request_id", f"{request_id!r} is already in use")
         request = Request(request_id, prompt_ids, params, eos_token_ids=self.eos_token_ids,
-                          prompt=prompt if isinstance(prompt, str) else None, version=self.version)
+                          prompt=prompt if isinstance(prompt, str) else None, version=self.version,
+                          final_only=final_only)
+        request.max_num_tokens = min(request.max_num_tokens, self.max_model_len)
         self.requests[request_id] = request
         self.num_prompt_tokens_total += len(prompt_ids)
-        self.detokenizers[request_id] = IncrementalDetokenizer(self.decoder(), prompt_ids, params)
+        self.detokenizers[request_id] = IncrementalDetokenizer(self.decoder(), prompt_ids, params, final_only)
         self.scheduler.add(request)
         return request_id
 
@@ -153,7 +158,7 @@ class LLMEngine:
         if request is None:
             return None
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-        return self._finish_output(request, [], "", None)
+        return self._finish_output(request, [], "", [])
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self.updates.has_work()  # [updates hook]
@@ -186,63 +191,76 @@ class LLMEngine:
             logger.exception("engine step failed")
             return outputs + self._fail(batch, f"{type(e).__name__}: {e}")
         self.scheduler.update(batch)
-        return outputs + [self._append_token(r, t, lp) for r, t, lp in zip(sampling, token_ids, logprobs)]
+        return outputs + self._append_tokens(sampling, token_ids, logprobs)
 
-    def _append_token(self, request: Request, token_id: int, logprob: dict | None) -> RequestOutput:
+    def _append_tokens(self, requests: list[Request], token_ids: list[int],
+                       logprobs: list[dict | None]) -> list[RequestOutput]:
+        """Append each row's token, check stops, detokenize; outputs in row order.
+
+        Runs for every row of every step, so it is one loop with the per-row work inlined: a stop
+        check is a set lookup (stop_ids) and a compare (max_num_tokens); only a row that may end
+        goes through _stop_status, and final_only rows build no output until they end."""
         now = time.monotonic()
-        if request.first_token_time is None:
-            request.first_token_time = now
-        request.output_token_ids.append(token_id)
-        if logprob is not None:
-            request.output_logprobs.append(logprob)
-        self.num_generation_tokens_total += 1
+        self.num_generation_tokens_total += len(token_ids)
+        detokenizers = self.detokenizers
+        outputs: list[RequestOutput | None] = []
+        ends: list[tuple[int, Request, int, str, list]] = []  # (index in outputs, request, token, text, lp)
+        for request, token_id, lp in zip(requests, token_ids, logprobs):
+            if request.first_token_time is None:
+                request.first_token_time = now
+            output_ids = request.output_token_ids
+            output_ids.append(token_id)
+            if lp is not None:
+                request.output_logprobs.append(lp)
+            detok = detokenizers[request.request_id]
+            new_text, stop_str = detok.append(token_id)
+            if (stop_str is None and token_id not in request.stop_ids
+                    and len(request.prompt_token_ids) + len(output_ids) < request.max_num_tokens):
+                if not request.final_only:
+                    outputs.append(RequestOutput.of(request, [token_id], new_text, detok.output_text,
+                                                    [lp] if lp is not None else []))
+                continue
+            request.status = self._stop_status(request, token_id, stop_str)
+            ends.append((len(outputs), request, token_id, new_text, [lp] if lp is not None else []))
+            outputs.append(None)
+        if ends:  # blocks freed in row order (the free queue's LRU order), one pass over `running`
+            self.scheduler.finish_many([request for _, request, _, _, _ in ends])
+            for i, request, token_id, new_text, lp in ends:
+                outputs[i] = self._finish_output(request, [token_id], new_text, lp)
+        return outputs  # type: ignore[return-value]  # every None was replaced
+
+    @staticmethod
+    def _stop_status(request: Request, token_id: int, stop_str: str | None) -> RequestStatus:
+        """Why a row that may end does end (and its stop_reason), checks in order of precedence."""
         params = request.sampling_params
-        new_text, stop_str = self.detokenizers[request.request_id].append(token_id)
-        status = None
         if stop_str is not None:
-            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-        elif token_id in request.eos_token_ids and not params.ignore_eos:
-            status = RequestStatus.FINISHED_STOPPED
-        elif token_id in params.stop_token_ids:
-            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token_id
-        elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            status = RequestStatus.FINISHED_LENGTH
-        lp = [logprob] if logprob is not None else []
-        if status is None:
-            return self._output(request, [token_id], new_text, lp)
-        self.scheduler.finish(request, status)
-        return self._finish_output(request, [token_id], new_text, lp)
+            request.stop_reason = stop_str
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in request.eos_token_ids and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        return RequestStatus.FINISHED_LENGTH  # num_tokens reached max_num_tokens
 
     def _fail(self, batch: SchedulerOutput, error: str) -> list[RequestOutput]:
         outputs = []
         for request, _ in batch.scheduled:
             request.error = error
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
-            outputs.append(self._finish_output(request, [], "", None))
+            outputs.append(self._finish_output(request, [], "", []))
         return outputs
 
-    def _finish_output(self, request: Request, new_ids: list[int], new_text: str, lp) -> RequestOutput:
+    def _finish_output(self, request: Request, new_ids: list[int], new_text: str, lp: list) -> RequestOutput:
+        """The last output of a request that has ended (its status says why)."""
         detok = self.detokenizers.pop(request.request_id)
-        if request.status != RequestStatus.FINISHED_STOPPED or request.stop_reason is None or not isinstance(request.stop_reason, str):
-            new_text += detok.finish()
+        if request.status != RequestStatus.FINISHED_STOPPED or not isinstance(request.stop_reason, str):
+            new_text += detok.finish()  # text held back for a stop string or a split character
         self.requests.pop(request.request_id, None)
         self.sampler.forget(request.request_id)
-        out = self._output(request, new_ids, new_text, lp or [])
-        out.text = detok.output_text
-        return out
-
-    def _output(self, request: Request, new_ids: list[int], new_text: str, lp: list) -> RequestOutput:
-        detok = self.detokenizers.get(request.request_id)
-        return RequestOutput(
-            request_id=request.request_id, new_token_ids=new_ids, new_text=new_text,
-            text=detok.output_text if detok else "", output_token_ids=request.output_token_ids,
-            prompt_token_ids=request.prompt_token_ids, finished=request.status.finished,
-            finish_reason=request.finish_reason, stop_reason=request.stop_reason, new_logprobs=lp,
-            output_logprobs=request.output_logprobs,
-            num_cached_tokens=request.num_cached_tokens, version=request.version, error=request.error,
-            arrival_time=request.arrival_time, first_scheduled_time=request.first_scheduled_time,
-            first_token_time=request.first_token_time,
-        )
+        if request.final_only:  # its only output: the deltas are everything
+            new_ids, new_text, lp = list(request.output_token_ids), detok.output_text, list(request.output_logprobs)
+        return RequestOutput.of(request, new_ids, new_text, detok.output_text, lp)
 
     # -- stats ----------------------------------------------------------------------------------
     def stats(self) -> dict:

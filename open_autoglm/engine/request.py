@@ -20,15 +20,22 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "error")
+        return self in _FINISHED  # a tuple: identity comparisons, no Enum.__hash__ / .value (Python-level)
 
 
-@dataclass
+_FINISHED = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+             RequestStatus.FINISHED_ERROR)
+
+
+@dataclass(eq=False)
 class Request:
     """One sequence. `num_computed_tokens` of `all_token_ids` have their KV in the cache.
 
     prompt + output = all tokens; the scheduler's only rule is to bring num_computed_tokens up
     to num_tokens (prefill, chunked prefill, decode and recompute after preemption alike).
+
+    eq=False: requests compare (and hash) by identity. The generated __eq__ compared every field,
+    prompt lists included, on each `request in running` / `running.remove(request)`.
     """
 
     request_id: str
@@ -48,6 +55,16 @@ class Request:
     version: str = ""               # weights version the request runs under
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    final_only: bool = False        # the caller reads only the final output: no per-step outputs
+    # Per-token stop checks, precomputed (see __post_init__); the engine caps max_num_tokens at max_model_len.
+    stop_ids: frozenset[int] = field(init=False)  # EOS (unless ignore_eos) and stop_token_ids
+    max_num_tokens: int = field(init=False)       # prompt + max_tokens: num_tokens at which it ends
+
+    def __post_init__(self) -> None:
+        params = self.sampling_params
+        eos = () if params.ignore_eos else self.eos_token_ids
+        self.stop_ids = frozenset(eos) | frozenset(params.stop_token_ids)
+        self.max_num_tokens = len(self.prompt_token_ids) + params.max_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -70,9 +87,12 @@ class Request:
         return self.status.value if self.status.finished else None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
-    """What one engine step produced for one request (deltas plus running totals)."""
+    """What one engine step produced for one request (deltas plus running totals).
+
+    A request added with final_only gets one output, when it finishes: its deltas are then the
+    whole output (new_token_ids == output_token_ids, new_text == text)."""
 
     request_id: str
     new_token_ids: list[int]
@@ -91,3 +111,15 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+
+    @classmethod
+    def of(cls, request: Request, new_token_ids: list[int], new_text: str, text: str,
+           new_logprobs: list[dict]) -> RequestOutput:
+        """The output of `request` now. Positional, in field order (tests/test_engine_outputs.py
+        checks it field by field): keywords cost 3x as much, and this runs for every row of every step."""
+        status = request.status
+        finished = status in _FINISHED
+        return cls(request.request_id, new_token_ids, new_text, text, request.output_token_ids,
+                   request.prompt_token_ids, finished, status.value if finished else None, request.stop_reason,
+                   new_logprobs, request.output_logprobs, request.num_cached_tokens, request.version, request.error,
+                   request.arrival_time, request.first_scheduled_time, request.first_token_time)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from open_autoglm.engine.request import Request
@@ -85,13 +86,16 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [B, V] (any float dtype; computed in float32), row i belongs to requests[i]."""
         params = [req.sampling_params for req in requests]
+        # Batch-wide checks over distinct settings: requests of a batch usually share a few
+        # SamplingParams objects (LLM.generate passes one for all), so this is O(1) per step, not O(B).
+        distinct = {id(p): p for p in params}.values()
         logits = logits.float()  # out-of-place ops below never modify the caller's tensor
-        if all(p.greedy and not _has_penalty(p) for p in params):
+        if all(p.greedy and not _has_penalty(p) for p in distinct):
             token_ids = logits.argmax(dim=-1)  # fast path: no parameter upload at all
         else:
-            token_ids = self._sample(logits, requests, params)
+            token_ids = self._sample(logits, requests, list(distinct))
         logprobs = None
-        if any(p.logprobs is not None for p in params):
+        if any(p.logprobs is not None for p in distinct):
             logprobs = _logprobs(logits, token_ids, params)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
@@ -102,6 +106,7 @@ class Sampler:
     def _sample(
         self, logits: torch.Tensor, requests: list[Request], params: list[SamplingParams]
     ) -> torch.Tensor:
+        """`params`: the batch's distinct settings (batch-wide checks); per-row ones go in the table."""
         table = _param_table(requests, logits.device)
         if any(_has_penalty(p) for p in params):
             logits = _penalize(logits, requests, table)
@@ -148,31 +153,28 @@ def _has_penalty(p: SamplingParams) -> bool:
 
 
 def _param_table(requests: list[Request], device: torch.device) -> torch.Tensor:
-    """[B, 8] float32 of per-row settings (columns named by the _* constants): one upload."""
-    rows = []
+    """[B, 8] float32 of per-row settings (columns named by the _* constants): one upload.
+
+    One row of settings per distinct SamplingParams, gathered with numpy (torch.tensor on a
+    nested list costs ~0.2 µs an element: ~0.4 ms at 256 rows); the output length per request."""
+    index: dict[int, int] = {}
+    settings: list[list[float]] = []
+    rows: list[int] = []
     for req in requests:
         p = req.sampling_params
-        rows.append(
-            [
-                p.temperature,
-                p.top_p,
-                p.min_p,
-                float(p.top_k),
-                p.repetition_penalty,
-                p.presence_penalty,
-                p.frequency_penalty,
-                float(len(req.output_token_ids)),
-            ]
-        )
-    return _upload(rows, torch.float32, device)
-
-
-def _upload(rows: list[list], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host -> device copy that does not block the host: a pinned staging tensor and an async copy
-    (PyTorch's caching host allocator keeps the pinned block alive until the copy has run)."""
-    if device.type != "cuda":
-        return torch.tensor(rows, dtype=dtype, device=device)
-    return torch.tensor(rows, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        i = index.get(id(p))
+        if i is None:
+            i = index[id(p)] = len(settings)
+            settings.append([p.temperature, p.top_p, p.min_p, float(p.top_k), p.repetition_penalty,
+                             p.presence_penalty, p.frequency_penalty])
+        rows.append(i)
+    host = torch.empty((len(requests), 8), dtype=torch.float32, pin_memory=device.type == "cuda")
+    table = host.numpy()
+    table[:, :_NUM_OUTPUT] = np.asarray(settings, dtype=np.float32)[rows]
+    table[:, _NUM_OUTPUT] = [len(req.output_token_ids) for req in requests]
+    # pinned + non_blocking on CUDA: the host does not wait for the copy (PyTorch's caching host
+    # allocator keeps the pinned block alive until it has run)
+    return host.to(device, non_blocking=True)
 
 
 def _penalize(logits: torch.Tensor, requests: list[Request], table: torch.Tensor) -> torch.Tensor:

@@ -93,22 +93,24 @@ class BlockTables:
     def gather(self, requests: list[Request]) -> np.ndarray:
         """[B, W] int32, row b = requests[b].block_ids then zeros (W = the longest list)."""
         self.step += 1
+        step, entries = self.step, self.rows
         rows, width = [], 0
         for request in requests:
             blocks = request.block_ids
-            entry = self.rows.get(request.request_id)
-            if entry is None or entry[1] is not blocks or entry[2] > len(blocks):
+            n = len(blocks)
+            entry = entries.get(request.request_id)
+            if entry is None or entry[1] is not blocks or entry[2] > n:
                 entry = self._claim(request.request_id, entry)
                 entry[1] = blocks
-            n = len(blocks)
-            if n > entry[2]:
+            if n > entry[2]:  # new blocks since the last copy (a decode row: once every block_size steps)
                 if n > self.table.shape[1]:
                     self._grow(self.table.shape[0], max(n, 2 * self.table.shape[1]))
                 self.table[entry[0], entry[2]:n] = blocks[entry[2]:]
                 entry[2] = n
-            entry[3] = self.step
+            entry[3] = step
             rows.append(entry[0])
-            width = max(width, n)
+            if n > width:
+                width = n
         return self.table[rows, :width]  # fancy indexing: a copy, safe to hand out
 
     def _claim(self, request_id: str, entry: list | None) -> list:
@@ -145,28 +147,31 @@ def build_host_inputs(batch: SchedulerOutput, block_size: int, tables: BlockTabl
     seq_lens: list[int] = []
     logits_indices: list[int] = []
     sampling: list[Request] = []
+    requests: list[Request] = []
     total = max_query_len = 0
     for request, num_new in batch.scheduled:
+        requests.append(request)
         start = request.num_computed_tokens
         end = start + num_new
-        blocks = request.block_ids
+        prompt, output = request.prompt_token_ids, request.output_token_ids
+        num_prompt = len(prompt)
         if num_new == 1:  # the decode row: no slicing, no ranges
-            prompt = request.prompt_token_ids
-            ids.append(prompt[start] if start < len(prompt) else request.output_token_ids[start - len(prompt)])
+            ids.append(prompt[start] if start < num_prompt else output[start - num_prompt])
             positions.append(start)
-            slots.append(blocks[start // block_size] * block_size + start % block_size)
+            slots.append(request.block_ids[start // block_size] * block_size + start % block_size)
         else:
             ids.extend(token_slice(request, start, end))
             positions.extend(range(start, end))
-            slots.extend(chunk_slots(blocks, start, end, block_size))
+            slots.extend(chunk_slots(request.block_ids, start, end, block_size))
         total += num_new
-        max_query_len = max(max_query_len, num_new)
+        if num_new > max_query_len:
+            max_query_len = num_new
         query_start.append(total)
         seq_lens.append(end)
-        if end == request.num_tokens:  # reaches its newest token: sample the next one
+        if end == num_prompt + len(output):  # reaches its newest token: sample the next one
             logits_indices.append(total - 1)
             sampling.append(request)
-    block_tables = tables.gather([request for request, _ in batch.scheduled])
+    block_tables = tables.gather(requests)
     return HostInputs(ids, positions, slots, query_start, seq_lens, logits_indices, block_tables,
                       sampling, max_query_len)
 
