@@ -176,7 +176,7 @@ class UpdatePlanner:
 
     def _warm_up_patch(self, identity: Identity, patch: Patch, prompts, report: UpdateReport) -> None:
         e = self.engine
-        bad = [n for n, v in zip(patch.names, patch.values) if v.is_floating_point() and not v.isfinite().all()]
+        bad = wu.non_finite(patch.names, patch.values)
         if bad:
             raise UpdateError("warmup", f"non-finite values (NaN/inf) in {', '.join(bad[:5])}")
         ids = self.encode_all(identity.tokenizer, prompts)

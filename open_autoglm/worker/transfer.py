@@ -46,8 +46,9 @@ def _bounce(device: torch.device) -> _Bounce:
 
 
 def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src), host <-> GPU through the bounce buffer; returns when dst holds the values
-    (a cast or strided write left over runs on the GPU side, in stream order)."""
+    """dst.copy_(src), host <-> GPU through the bounce buffer. To the host: returns when dst holds
+    the values. To a GPU: returns once the copies are queued on the current stream (like copy_
+    from page-locked memory with non_blocking=True); `src` may be freed or changed at once."""
     host = src if dst.device.type == "cuda" else dst
     if dst.device == src.device or "cuda" not in (dst.device.type, src.device.type) or dst.numel() == 0 \
             or host.is_pinned():  # no pageable host memory involved: copy_ is already stall-free
@@ -85,7 +86,8 @@ def _h2d(dst: torch.Tensor, src: torch.Tensor, b: _Bounce) -> None:
             buf[:n].copy_(src[off:off + n])     # CPU memcpy (GIL released)
             dst[off:off + n].copy_(buf[:n], non_blocking=True)
             free.record(stream)
-        stream.synchronize()
+    # No wait for the last DMAs: they are queued on `stream` before anything the caller runs next
+    # on it (the update thread's side stream is synchronized before a switch; the switch syncs).
 
 
 def _d2h(dst: torch.Tensor, src: torch.Tensor, b: _Bounce) -> None:

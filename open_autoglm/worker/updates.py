@@ -84,14 +84,13 @@ def build_shadow(model: nn.Module, hf_config, device: torch.device, backend,
     ties; filled by `load_verified`), or the given `params` by name; the live buffers."""
     with torch.device("meta"), _no_random_init():  # random init on meta would import torch's meta kernels
         shadow = type(model)(hf_config, backend)
-    live = dict(model.named_parameters())
+    storage = params if params is not None else _one_allocation(model, device)
     made: dict[int, nn.Parameter] = {}  # meta param id -> real one, so tied weights stay tied
     for prefix, module in shadow.named_modules():
         for leaf, p in list(module._parameters.items()):
             if p is not None:
                 if id(p) not in made:
-                    name = _join(prefix, leaf)
-                    data = params[name] if params is not None else torch.empty_like(live[name], device=device)
+                    data = storage[_join(prefix, leaf)]
                     made[id(p)] = nn.Parameter(data, requires_grad=False)
                 module._parameters[leaf] = made[id(p)]
     buffers = dict(model.named_buffers(remove_duplicate=False))
@@ -99,6 +98,23 @@ def build_shadow(model: nn.Module, hf_config, device: torch.device, backend,
         for leaf in list(module._buffers):
             module._buffers[leaf] = buffers[_join(prefix, leaf)].to(device)
     return shadow.eval()
+
+
+def _one_allocation(model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+    """Uninitialized tensors shaped like the live parameters (by name), carved from one buffer:
+    one cudaMalloc instead of one per tensor (each can hold up the engine thread's launches)."""
+    params = list(model.named_parameters())  # tied weights appear once
+    offsets, total = [], 0
+    for _, p in params:
+        total = -(-total // 256) * 256
+        offsets.append(total)
+        total += p.numel() * p.element_size()
+    flat = torch.empty(total, dtype=torch.uint8, device=device)
+    out = {name: flat[off:off + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+           for (name, p), off in zip(params, offsets)}
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied aliases: the same tensor
+        out.setdefault(name, out[next(n for n, q in params if q is p)])
+    return out
 
 
 def allocate_model(source, dtype: torch.dtype, device: torch.device, backend) -> nn.Module:
@@ -254,6 +270,17 @@ def _sync(targets: list[torch.Tensor]) -> None:
         torch.cuda.synchronize(targets[0].device)
 
 
+def non_finite(names: list[str], values: list[torch.Tensor]) -> list[str]:
+    """Names of float tensors holding a NaN or inf: an fp32 sum per tensor (NaN/inf propagate; no
+    tensor-sized temporaries), one host sync for all of them."""
+    floats = [(n, v) for n, v in zip(names, values) if v.is_floating_point() and v.numel()]
+    if not floats:
+        return []
+    sums = torch.stack([v.sum(dtype=torch.float32) for _, v in floats])
+    finite = torch.isfinite(sums).tolist()
+    return [n for (n, _), ok in zip(floats, finite) if not ok]
+
+
 # -- warm-up --------------------------------------------------------------------------------------
 @torch.inference_mode()
 def warmup(model: nn.Module, kv_spec: KVCacheSpec, device: torch.device, prompts: list[list[int]],
@@ -303,6 +330,12 @@ def short_gil_slices(interval_s: float = 0.0005):
         sys.setswitchinterval(previous)
 
 
+# One per device for the engine's life: the caching allocator keeps freed blocks per stream, so a
+# fresh stream per update would cudaMalloc (and, with the KV cache filling the GPU, free other
+# streams' cached blocks with a device-wide sync) every time: measured as 25-100 ms engine stalls.
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
 @contextlib.contextmanager
 def side_stream(device: torch.device):
     """Run the update thread's GPU work (staging copies, snapshots, warm-up) on a CUDA stream of
@@ -311,7 +344,7 @@ def side_stream(device: torch.device):
     if device.type != "cuda":
         yield
         return
-    stream = torch.cuda.Stream(device)
+    stream = _side_streams.setdefault(device, torch.cuda.Stream(device))
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         yield
