@@ -38,10 +38,6 @@ class TritonAttentionBackend(BaseAttentionBackend):
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         else:  # TRITON_INTERPRET=1 on CPU (tests only)
             self.num_sms = 4
-        # Split-KV decode combines its splits in the same launch (the last program of each
-        # sequence x KV head, by ticket); each launch leaves its tickets at 0 again. One buffer per
-        # backend: the engine's layers run one after another on one stream.
-        self.tickets = torch.zeros(1 << 16, dtype=torch.int32, device=device)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         self._kv.write_kv_cache_triton(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -54,7 +50,7 @@ class TritonAttentionBackend(BaseAttentionBackend):
             num_splits = self._decode.decode_num_splits(
                 meta.num_seqs, k_cache.shape[2], meta.max_seq_len, self.num_sms)
             return self._decode.paged_decode(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits, tickets=self.tickets)
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits)
         return self._prefill.paged_prefill(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
             meta.max_query_len, scale)

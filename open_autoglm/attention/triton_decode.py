@@ -31,14 +31,14 @@ _LOG2E = 1.4426950408889634
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, tickets_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,47 +88,9 @@ def _decode_kernel(
         tl.store(part_lse_ptr + part_row, lse, mask=row_mask)
         tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], o,  # part_out: [B, H, S, D]
                  mask=row_mask[:, None] & dim_mask[None, :])
-        if FUSED_COMBINE:
-            # The last of this (sequence, KV head)'s programs to finish combines the splits, instead
-            # of a second launch per layer (~3.5 us each in a batch-1 graph). The acq_rel ticket
-            # orders every program's partial stores before the last one's loads; those loads skip
-            # L1 (.cg), which may hold the same addresses from an earlier layer's step.
-            ticket_ptr = tickets_ptr + seq * tl.num_programs(1) + kv_head
-            tl.debug_barrier()  # every thread's partial stores, before the (one-thread) release
-            ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-            if ticket == num_splits - 1:
-                tl.debug_barrier()
-                _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, heads, row_mask, dims, dim_mask,
-                                num_splits, stride_ot, stride_oh, NUM_HEADS, HEAD_DIM, GROUP_PAD, DIM_PAD)
-                tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch (graph replays included)
     else:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
-
-
-@triton.jit
-def _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, heads, row_mask, dims, dim_mask, num_splits,
-                    stride_ot, stride_oh, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr):
-    """One pass over the splits of a KV group's query heads (online rescaling, as in the main loop)."""
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    for s in range(0, num_splits):
-        row = (seq * NUM_HEADS + heads) * num_splits + s
-        lse = tl.load(part_lse_ptr + row, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
-        part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
-                       mask=row_mask[:, None] & dim_mask[None, :], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)             # all empty so far: weights 0
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe)
-        total = total * alpha + w
-        acc = acc * alpha[:, None] + part * w[:, None]
-        m = m_new
-    o = acc / tl.where(total > 0.0, total, 1.0)[:, None]
-    tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -180,7 +142,6 @@ def paged_decode(
     scale: float,
     num_splits: int,
     out: torch.Tensor | None = None,  # [B, H, D]
-    tickets: torch.Tensor | None = None,  # int32 zeros, >= B * Hkv: combine splits in the same launch
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
@@ -201,18 +162,17 @@ def paged_decode(
     if split:
         part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    fused = split and tickets is not None and tickets.numel() >= num_seqs * num_kv_heads
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, tickets if fused else out,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SPLIT=split, FUSED_COMBINE=fused, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SPLIT=split, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
-    if split and not fused:
+    if split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
