@@ -2,7 +2,7 @@
 
 Sizes around the chunk size (one chunk, several, an odd tail), dtype casts in both directions,
 strided targets, bool and empty tensors; and a live update whose values come from a memory-mapped
-file. `gpu`-marked: skipped on CPU, run on the lent GPU.
+file; and live updates on a CUDA engine. `gpu`-marked: skipped on CPU, run on the lent GPU.
 """
 
 from __future__ import annotations
@@ -88,3 +88,38 @@ def test_copy_from_a_memory_mapped_safetensors_file(dev, tmp_path):
         transfer.copy(out, tensor_from_bytes(view, info.dtype, info.shape))
         del view
     assert torch.equal(out.cpu(), w)
+
+
+def test_live_updates_on_the_gpu_match_fresh_engines(dev, tiny_checkpoint, tmp_path):
+    """Full swap, delta and rollback on a CUDA engine (device staging, snapshots kept on the GPU
+    when there is room): greedy outputs equal an engine started on each target."""
+    from test_updates_helpers import PROMPTS, build_registry
+
+    from open_autoglm.engine.llm_engine import LLMEngine
+    from open_autoglm.engine.updates import UpdateSource
+    from open_autoglm.sampling_params import SamplingParams
+
+    reg = build_registry(tmp_path, tiny_checkpoint("llama"))
+    options = dict(device="cuda", dtype="float32", num_kv_blocks=64, max_num_seqs=8)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    def run(engine):
+        ids = [engine.add_request(p, greedy) for p in PROMPTS]
+        done = {}
+        while len(done) < len(ids):
+            done.update({o.request_id: o.output_token_ids for o in engine.step() if o.finished})
+        return [done[i] for i in ids]
+
+    fresh = {v: run(LLMEngine(model=str(reg.resolve("tiny", v)), **options)) for v in ("v1", "v2", "v3")}
+    engine = LLMEngine(model=str(reg.resolve("tiny", "v1")), **options)
+    assert run(engine) == fresh["v1"]
+    src = dict(registry=str(reg.root), model="tiny")
+    full = engine.update_weights(UpdateSource(version="v3", **src))
+    assert full.staging == "device" and run(engine) == fresh["v3"]
+    assert all(t.is_cuda for t in engine.updates.history[-1].patch.values)  # snapshot kept on the GPU
+    engine.rollback()
+    assert run(engine) == fresh["v1"]
+    delta = engine.update_weights(UpdateSource(version="v2", **src), mode="delta")
+    assert delta.bytes_moved < delta.model_bytes and run(engine) == fresh["v2"]
+    engine.rollback()
+    assert run(engine) == fresh["v1"]

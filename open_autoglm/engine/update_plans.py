@@ -94,7 +94,7 @@ class UpdatePlanner:
         identity, weights, staged_on = self.load_full(live, path, manifest, staging, prompts, report)
         patch = wu.full_patch(self.engine.model, weights)
         with timed_stage(report, "snapshot"):
-            backup = self.held.backup_for(live, patch.targets, patch.names, True)
+            backup = self.held.backup_for(live, patch.targets, patch.names, True, report.model_bytes)
         held = self.held
 
         def on_done() -> None:
@@ -166,7 +166,7 @@ class UpdatePlanner:
         with timed_stage(report, "warmup"):
             self._warm_up_patch(identity, patch, prompts, report)
         with timed_stage(report, "snapshot"):
-            backup = self.held.backup_for(live, patch.targets, patch.names, False)
+            backup = self.held.backup_for(live, patch.targets, patch.names, False, report.model_bytes)
         held = self.held
 
         def on_done() -> None:
@@ -176,7 +176,7 @@ class UpdatePlanner:
 
     def _warm_up_patch(self, identity: Identity, patch: Patch, prompts, report: UpdateReport) -> None:
         e = self.engine
-        bad = wu.non_finite(patch.names, patch.values)
+        bad = patch.non_finite  # found while staging (worker/updates.py: stage_patch)
         if bad:
             raise UpdateError("warmup", f"non-finite values (NaN/inf) in {', '.join(bad[:5])}")
         ids = self.encode_all(identity.tokenizer, prompts)

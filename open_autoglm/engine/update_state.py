@@ -232,19 +232,25 @@ class HeldWeights:
             self.resident.popitem(last=False)
 
     def backup_for(self, live: Identity, targets: list[torch.Tensor], names: list[str],
-                   full: bool) -> list[torch.Tensor]:
-        """Old values of `targets`: the resident copy of the live version if there is one, else a snapshot."""
+                   full: bool, model_bytes: int) -> list[torch.Tensor]:
+        """Old values of `targets`: the resident copy of the live version if there is one, else a
+        snapshot: on the GPU when it fits with room left for a later update's shadow copy of the
+        model (`model_bytes`), else in host memory."""
         cached = self.resident.get(live.manifest_hash or "") if full else None
         if cached is not None:
             return [cached[1][n] for n in names]
         need = wu.nbytes_of(targets)
+        device = targets[0].device if targets else None
+        if device is not None and device.type == "cuda" and \
+                wu.device_free_bytes(device) >= need + model_bytes + (512 << 20):
+            return wu.snapshot(targets, device)
         if wu.host_available_bytes() < need + (64 << 20):
             raise UpdateError("memory", f"snapshot for rollback needs {need / 2**20:.0f} MiB of host memory, "
                                         f"{wu.host_available_bytes() / 2**20:.0f} MiB available")
         return wu.snapshot(targets)
 
     def held_bytes(self) -> int:
-        """Host bytes kept for rollback and resident versions (each tensor counted once)."""
+        """Bytes kept for rollback (host or GPU) and resident versions (each tensor counted once)."""
         seen: dict[int, int] = {}
         for entry in self.history:
             for t in entry.patch.values:

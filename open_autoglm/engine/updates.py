@@ -152,7 +152,7 @@ class UpdateManager:
             entry = self.history[-1]
             with timed_stage(report, "snapshot"), wu.side_stream(self.engine.device), wu.short_gil_slices():
                 backup = self.held.backup_for(self.identity, entry.patch.targets, entry.patch.names,
-                                              entry.mode == "full")
+                                              entry.mode == "full", wu.nbytes_of(self.engine.model.parameters()))
             report.num_tensors = len(entry.patch.targets)
             report.model_bytes = wu.nbytes_of(self.engine.model.parameters())
             report.to_version = entry.previous.version

@@ -84,7 +84,7 @@ def build_shadow(model: nn.Module, hf_config, device: torch.device, backend,
     ties; filled by `load_verified`), or the given `params` by name; the live buffers."""
     with torch.device("meta"), _no_random_init():  # random init on meta would import torch's meta kernels
         shadow = type(model)(hf_config, backend)
-    storage = params if params is not None else _one_allocation(model, device)
+    storage = params if params is not None else _shadow_storage(model, device)
     made: dict[int, nn.Parameter] = {}  # meta param id -> real one, so tied weights stay tied
     for prefix, module in shadow.named_modules():
         for leaf, p in list(module._parameters.items()):
@@ -100,19 +100,41 @@ def build_shadow(model: nn.Module, hf_config, device: torch.device, backend,
     return shadow.eval()
 
 
-def _one_allocation(model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
-    """Uninitialized tensors shaped like the live parameters (by name), carved from one buffer:
-    one cudaMalloc instead of one per tensor (each can hold up the engine thread's launches)."""
+def _few_allocations(tensors: list[tuple[str, torch.Tensor]], device: torch.device,
+                     piece: int = 256 << 20) -> dict[str, torch.Tensor]:
+    """Uninitialized tensors shaped like `tensors` (by name), carved from buffers of about `piece`
+    bytes: a handful of cudaMallocs instead of one per tensor, none so large that it holds up the
+    engine thread's launches for long (each allocation takes the driver for a while)."""
+    out: dict[str, torch.Tensor] = {}
+    group: list[tuple[str, torch.Tensor, int]] = []
+    used = 0
+
+    def flush() -> None:
+        nonlocal used
+        if group:
+            flat = torch.empty(used, dtype=torch.uint8, device=device)
+            for name, t, off in group:
+                out[name] = flat[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            group.clear()
+        used = 0
+
+    for name, t in tensors:
+        size = t.numel() * t.element_size()
+        start = -(-used // 256) * 256
+        if group and start + size > piece:
+            flush()
+            start = 0
+        group.append((name, t, start))
+        used = start + size
+    flush()
+    return out
+
+
+def _shadow_storage(model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+    """Storage for a shadow's parameters by name (tied aliases share it)."""
     params = list(model.named_parameters())  # tied weights appear once
-    offsets, total = [], 0
-    for _, p in params:
-        total = -(-total // 256) * 256
-        offsets.append(total)
-        total += p.numel() * p.element_size()
-    flat = torch.empty(total, dtype=torch.uint8, device=device)
-    out = {name: flat[off:off + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
-           for (name, p), off in zip(params, offsets)}
-    for name, p in model.named_parameters(remove_duplicate=False):  # tied aliases: the same tensor
+    out = _few_allocations(params, device)
+    for name, p in model.named_parameters(remove_duplicate=False):
         out.setdefault(name, out[next(n for n, q in params if q is p)])
     return out
 
@@ -159,6 +181,7 @@ class Patch:
     targets: list[torch.Tensor]
     values: list[torch.Tensor]
     owners: list[str] = field(default_factory=list)  # the live parameter each target is (a view of)
+    non_finite: list[str] = field(default_factory=list)  # staged values holding a NaN or inf
 
     @property
     def nbytes(self) -> int:
@@ -185,7 +208,11 @@ def stage_patch(model: nn.Module, tensors, device: torch.device) -> Patch:
             continue
         check_shape(name, tuple(shape), target.view)
         value = torch.empty_like(target.view, device=device)
-        transfer.copy(value, tensor_from_bytes(data, st_dtype, shape))
+        host = tensor_from_bytes(data, st_dtype, shape)
+        host = host if host.dtype == value.dtype else host.to(value.dtype)  # a cast may overflow to inf
+        if host.is_floating_point() and not bool(torch.isfinite(host).all()):
+            patch.non_finite.append(name)  # checked here, on the host: no GPU sync on the update thread
+        transfer.copy(value, host)
         patch.names.append(name)
         patch.targets.append(target.view)
         patch.values.append(value)
@@ -218,10 +245,17 @@ def full_patch(model: nn.Module, weights: dict[str, torch.Tensor]) -> Patch:
 
 # -- snapshot and copy ----------------------------------------------------------------------------
 @torch.no_grad()
-def snapshot(targets: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Pageable host copies of live storage, read through the bounce buffer (worker/transfer.py:
-    page-locked allocations and pageable copies on the update thread stall every engine step)."""
-    return [transfer.to_host(t) for t in targets]
+def snapshot(targets: list[torch.Tensor], device: torch.device | None = None) -> list[torch.Tensor]:
+    """Copies of live storage: on `device` (a GPU with room: a device-to-device copy of a few ms),
+    else pageable host memory read through the bounce buffer (worker/transfer.py: page-locked
+    allocations and pageable copies on the update thread stall every engine step)."""
+    if device is None or device.type != "cuda":
+        return [transfer.to_host(t) for t in targets]
+    copies = _few_allocations([(str(i), t) for i, t in enumerate(targets)], device)
+    out = [copies[str(i)] for i in range(len(targets))]
+    for dst, src in zip(out, targets):
+        dst.copy_(src)
+    return out
 
 
 def on_device(patch: Patch, device: torch.device) -> Patch:
@@ -268,17 +302,6 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 def _sync(targets: list[torch.Tensor]) -> None:
     if targets and targets[0].device.type == "cuda":
         torch.cuda.synchronize(targets[0].device)
-
-
-def non_finite(names: list[str], values: list[torch.Tensor]) -> list[str]:
-    """Names of float tensors holding a NaN or inf: an fp32 sum per tensor (NaN/inf propagate; no
-    tensor-sized temporaries), one host sync for all of them."""
-    floats = [(n, v) for n, v in zip(names, values) if v.is_floating_point() and v.numel()]
-    if not floats:
-        return []
-    sums = torch.stack([v.sum(dtype=torch.float32) for _, v in floats])
-    finite = torch.isfinite(sums).tolist()
-    return [n for (n, _), ok in zip(floats, finite) if not ok]
 
 
 # -- warm-up --------------------------------------------------------------------------------------
