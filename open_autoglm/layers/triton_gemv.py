@@ -34,7 +34,7 @@ def _gemv_kernel(
     x_ptr, residual_ptr, norm_w_ptr, residual_out_ptr, w_ptr, bias_ptr, y_ptr, eps,
     N, K: tl.constexpr, stride_w,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,7 +51,7 @@ def _gemv_kernel(
             sq += s * s
         inv_rms = tl.math.rsqrt(tl.sum(sq, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=3):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         if PROLOGUE == "silu":
@@ -90,7 +90,7 @@ def default_config(n: int, k: int) -> tuple[int, int]:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, prologue: str = "plain",
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
          block_n: int | None = None, block_k: int | None = None,
-         num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+         num_warps: int = 4, num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [1, K'] (K' = 2K for "silu"); weight [N, K]. Returns (y [1, N], new residual or None).
 
     "norm": y = (rmsnorm(x + residual) * norm_weight) @ W.T, new residual = x + residual
@@ -110,6 +110,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         residual_out if residual_out is not None else x, weight, bias if bias is not None else weight, y, eps,
         n, k, weight.stride(0),
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, num_warps=num_warps,
     )
     return y, residual_out
