@@ -70,8 +70,8 @@ class LLM:
     def _add_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[str]:
         ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p))
+            for prompt, p in zip(prompts, params):  # final outputs only: no per-step objects or text
+                ids.append(self.engine.add_request(prompt, p, final_only=True))
         except Exception:
             for rid in ids:  # all or nothing: a bad prompt adds none of the batch
                 self.engine.abort_request(rid)

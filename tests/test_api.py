@@ -55,7 +55,8 @@ def test_stop_string_and_stop_token(llm):
 
 def test_logprobs_are_returned(llm):
     out = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, logprobs=2, ignore_eos=True))[0]
-    assert len(out.new_logprobs) == 1 and len(out.output_logprobs) == 3  # last step's; all steps'
+    # generate() returns final outputs only: its "new" part is the whole output (stream() gives steps)
+    assert len(out.new_logprobs) == 3 and len(out.output_logprobs) == 3
     entry = out.output_logprobs[-1]
     assert entry["token_id"] == out.output_token_ids[-1] and len(entry["top"]) == 2
     assert entry["top"][0][0] == entry["token_id"]  # greedy picks the most likely
