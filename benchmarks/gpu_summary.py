@@ -44,7 +44,7 @@ def rows(reports: dict[str, dict]) -> list[tuple[str, str, str, str]]:
             e = r["engine"]
             st, m = e["stages"], e["memory"]
             fig = (f"engine {e['wall_to_first_token_s']:.1f}s (import {st['import_s']:.1f}, "
-                   f"cfg {st.get('auto_config_s', 0):.1f} tok {st.get('auto_tokenizer_s', 0):.1f}, "
+                   f"cfg {st.get('config_s', 0):.1f} tok {st.get('tokenizer_s', 0):.1f}, "
                    f"cuda {st.get('attention_backend_cuda_init_s', 0):.1f}, "
                    f"model {st.get('build_model_s', 0):.1f}, warm-up {m['warmup_s']:.1f}, kv {m['kv_alloc_s']:.2f}, "
                    f"graphs {m['graph_capture_s']:.1f})")
