@@ -47,7 +47,7 @@ def instrument(engine) -> None:
     from open_autoglm.worker import update_loading
     from open_autoglm.worker import updates as wu
 
-    for name in ("hash_bytes", "_stage_one", "load_verified", "verify_files", "read_changed"):
+    for name in ("hash_bytes", "_copy_staged", "load_verified", "verify_files", "read_changed"):
         timed(update_loading, name)
     for name in ("build_shadow", "warmup", "snapshot", "stage_patch", "copy_patch", "patched_params",
                  "tensor_from_bytes"):

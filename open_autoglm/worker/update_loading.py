@@ -28,7 +28,7 @@ from open_autoglm.registry.manifest import (
 from open_autoglm.registry.safetensors_io import MappedFile, hash_bytes, hash_file
 from open_autoglm.worker import transfer
 from open_autoglm.worker.updates import UpdateError, check_shape, tensor_from_bytes
-from open_autoglm.worker.weights import WeightMap
+from open_autoglm.worker.weights import WeightMap, WeightTarget, place
 
 
 @dataclass
@@ -68,8 +68,8 @@ def load_verified(shadow: nn.Module, folder: Path, manifest: Manifest | None) ->
                 if want is None or (want.hash, want.shape, want.dtype) != (entry.hash, entry.shape, entry.dtype):
                     bad.append(info.name)  # hashed, never staged
                 else:
-                    _stage_one(weight_map, info.name, tensor_from_bytes(view, info.dtype, info.shape), loaded,
-                               unexpected)
+                    place(weight_map, info.name, tensor_from_bytes(view, info.dtype, info.shape), loaded,
+                          unexpected, _copy_staged)
                 del view  # views must be gone before the mapping closes
     if manifest is not None:
         bad += sorted(manifest.tensors.keys() - entries.keys())
@@ -86,17 +86,9 @@ def load_verified(shadow: nn.Module, folder: Path, manifest: Manifest | None) ->
     return FolderLoad(manifest, sum(e.nbytes for e in entries.values()))
 
 
-def _stage_one(weight_map: WeightMap, key: str, tensor: torch.Tensor, loaded: set[str], unexpected: list[str]) -> None:
-    try:
-        target = weight_map.target(key)
-    except KeyError:
-        unexpected.append(key)
-        return
-    if target is None:
-        return
-    check_shape(key, tuple(tensor.shape), target.view)
+def _copy_staged(target: WeightTarget, key: str, tensor: torch.Tensor) -> None:
+    check_shape(key, tuple(tensor.shape), target.view)  # an UpdateError ("compat"), not a load error
     transfer.copy(target.view, tensor)  # converts dtype and device; no pageable DMA (worker/transfer.py)
-    loaded.update(target.covers)
 
 
 def verify_files(folder: Path, manifest: Manifest) -> list[str]:

@@ -83,9 +83,10 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
         )
 
 
-def place(weight_map: WeightMap, key: str, tensor: torch.Tensor, loaded: set[str], unexpected: list[str]) -> None:
+def place(weight_map: WeightMap, key: str, tensor: torch.Tensor, loaded: set[str], unexpected: list[str],
+          copy=None) -> None:
     """Copy one checkpoint tensor into its storage, recording what it filled (or that nothing
-    wanted it)."""
+    wanted it). `copy(target, key, tensor)` does the checked copy (default: copy_checked)."""
     try:
         target = weight_map.target(key)
     except KeyError:
@@ -93,7 +94,7 @@ def place(weight_map: WeightMap, key: str, tensor: torch.Tensor, loaded: set[str
         return
     if target is None:
         return
-    copy_checked(target, key, tensor)
+    (copy or copy_checked)(target, key, tensor)
     loaded.update(target.covers)
 
 
