@@ -3,6 +3,7 @@
 A GGUF holds the config as metadata under llama.cpp's key names, the tokenizer as vocabulary/merges
 metadata, and tensors under llama.cpp names, possibly block-quantized. We turn each into its HF
 counterpart: a config.json dict, a fast tokenizer, and `model.layers.N...` float32 tensors.
+The tokenizer and generation config come from `gguf_tokenizer`.
 
 Tensors are read from a memory map and dequantized one at a time with `gguf.quants.dequantize`,
 so peak memory is one tensor, whatever the file size.
@@ -35,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from open_autoglm.errors import ModelLoadError
+from open_autoglm.models.gguf_tokenizer import build_tokenizer, generation_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -169,60 +171,6 @@ def _build_config(reader: gguf.GGUFReader, path: Path) -> dict:
     return config
 
 
-def _generation_config(reader: gguf.GGUFReader, config: dict) -> dict:
-    """bos/eos/pad ids; eos also lists the end-of-turn / end-of-message tokens when the file names them."""
-    eos_ids = [config.get("eos_token_id")]
-    eos_ids += [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
-    eos_ids = list(dict.fromkeys(int(i) for i in eos_ids if i is not None))
-    generation = {k: config[k] for k in ("bos_token_id", "pad_token_id") if k in config}
-    if eos_ids:
-        generation["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-    return generation
-
-
-def _build_tokenizer(path: Path, reader: gguf.GGUFReader, config: dict) -> PreTrainedTokenizerFast:
-    """The fast tokenizer the metadata describes, built by transformers' GGUF converters.
-
-    transformers prefers a tokenizer.json / tokenizer_config.json next to the GGUF over the GGUF's own
-    metadata, so it is shown the file alone: a symlink in an otherwise empty temporary folder.
-    """
-    from transformers import AutoTokenizer  # lazy: slow import
-
-    with tempfile.TemporaryDirectory(prefix="autoglm-gguf-tok-") as alone:
-        (Path(alone) / path.name).symlink_to(path.resolve())
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name, local_files_only=True)
-        except Exception as e:
-            raise ModelLoadError(f"{path}: cannot build the tokenizer from GGUF metadata ({e})") from e
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    _drop_invented_tokens(tokenizer, len(tokens.data) if tokens is not None else len(tokenizer))
-    tokenizer.name_or_path = str(path)  # not the temporary folder
-    tokenizer.model_max_length = config["max_position_embeddings"]
-    for key in ("is_local", "local_files_only"):  # loading details, not tokenizer settings
-        tokenizer.init_kwargs.pop(key, None)
-    return tokenizer
-
-
-def _drop_invented_tokens(tokenizer: PreTrainedTokenizerFast, num_tokens: int) -> None:
-    """Remove added tokens with ids past the file's vocabulary.
-
-    transformers builds byte-level GGUF vocabularies with GPT-2's class, which adds `<|endoftext|>` as
-    its default unk/bos/eos when the vocabulary lacks it (Llama 3's does): an id the embedding table
-    does not have.
-    """
-    if len(tokenizer) <= num_tokens:
-        return
-    from tokenizers import Tokenizer
-
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
-    invented = {t["content"] for t in state["added_tokens"] if t["id"] >= num_tokens}
-    state["added_tokens"] = [t for t in state["added_tokens"] if t["id"] < num_tokens]
-    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))  # the backend holds the vocabulary
-    for attr in ("unk_token", "bos_token", "eos_token", "pad_token"):
-        if getattr(tokenizer, attr) in invented:
-            setattr(tokenizer, attr, None)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Tensors
 
@@ -303,7 +251,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     path, reader = _open(path)
     config = _build_config(reader, path)
     config["torch_dtype"] = str(_storage_dtype(_plan(reader, path, config))).removeprefix("torch.")
-    return GGUFModel(config, _generation_config(reader, config), _build_tokenizer(path, reader, config))
+    return GGUFModel(config, generation_config(reader, config), build_tokenizer(path, reader, config))
 
 
 def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
@@ -389,14 +337,14 @@ def gguf_to_hf_folder(
     plans = _plan(reader, path, config)
     dtype = _storage_dtype(plans)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    tokenizer = _build_tokenizer(path, reader, config)
+    tokenizer = build_tokenizer(path, reader, config)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = _generation_config(reader, config)
+        generation = generation_config(reader, config)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save_pretrained(tmp, save_jinja_files=False)  # chat template inside tokenizer_config.json
         bar = tqdm(
