@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from open_autoglm.engine.detokenizer import IncrementalDetokenizer
+from open_autoglm.engine.detokenizer import FastDecoder, IncrementalDetokenizer
 from open_autoglm.sampling_params import SamplingParams
 
 CORPUS = [
@@ -84,9 +84,16 @@ def encode(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def stream(tok, ids: list[int], **params) -> tuple[list[str], str | None, IncrementalDetokenizer]:
+def continuation(tok, prompt_ids: list[int], ids: list[int], skip_special_tokens: bool = True) -> str:
+    """What the output adds to the prompt's text: the detokenizer's definition of its text."""
+    full = tok.decode(prompt_ids + ids, skip_special_tokens=skip_special_tokens)
+    return full[len(tok.decode(prompt_ids, skip_special_tokens=skip_special_tokens)) :]
+
+
+def stream(tok, ids: list[int], prompt_ids: list[int] | None = None,
+           **params) -> tuple[list[str], str | None, IncrementalDetokenizer]:
     """Feeds ids one by one until a stop string; returns (deltas, matched stop, detokenizer)."""
-    detok = IncrementalDetokenizer(tok, [1, 2, 3], SamplingParams(**params))
+    detok = IncrementalDetokenizer(tok, prompt_ids or [], SamplingParams(**params))
     deltas = []
     for token_id in ids:
         delta, stop = detok.append(token_id)
@@ -147,7 +154,9 @@ def test_leading_space_of_sentencepiece_words() -> None:
     ids = encode(tok, "Hello world,")
     assert tok.convert_ids_to_tokens(ids) == ["▁Hello", "▁world,"]
     deltas, _, _ = stream(tok, ids)
-    assert deltas == ["Hello", " world,"]  # decode(output_ids) drops only the very first space
+    assert deltas == ["Hello", " world,"]  # no prompt: decode(output_ids), whose first space is dropped
+    deltas, _, _ = stream(tok, ids, prompt_ids=encode(tok, "Hi"))
+    assert deltas == [" Hello", " world,"]  # after a prompt the first word keeps its space
 
 
 def test_window_stays_small(byte_tok) -> None:
@@ -164,6 +173,97 @@ def test_window_stays_small(byte_tok) -> None:
     deltas, _, _ = stream(Recording(), ids)
     assert "".join(deltas) == byte_tok.decode(ids)
     assert max(sizes) <= 16  # bounded by the bytes of one character plus its context
+
+
+# ---- the prompt as decoding context -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [metaspace_bpe, llama_style_bpe])
+@pytest.mark.parametrize("prompt", ["Hello", "我们正在测试中文", "rare 😀"])  # the last two: byte fallback
+def test_first_delta_keeps_its_leading_space(make, prompt: str) -> None:
+    tok = make()
+    prompt_ids, ids = encode(tok, prompt), encode(tok, " world")
+    assert tok.convert_ids_to_tokens(ids)[0].startswith("▁")
+    assert tok.decode(ids) == "world"  # decoded alone, the space is gone
+    for decoder in (tok, FastDecoder(tok)):
+        deltas, _, detok = stream(decoder, ids, prompt_ids)
+        assert deltas[0].startswith(" ") and detok.finish() == ""
+        assert "".join(deltas) == detok.output_text == " world" == continuation(tok, prompt_ids, ids)
+
+
+def random_splits(tok, rng: random.Random):
+    """(prompt ids, output ids) pairs: real text cut at every kind of token, and random ids.
+    Not prompts that end inside a character: "what the output adds" is undefined there, as the
+    output's first bytes change the prompt's last character (the U+FFFD it decodes to alone).
+    Outputs end on whole characters, for the byte-fallback reason in random_ids."""
+    texts = [ids for ids in (encode(tok, text) for text in TEXTS + CORPUS) if len(ids) > 1]
+    num_splits = 0
+    while num_splits < 80:
+        ids = rng.choice(texts)
+        cut = rng.randrange(1, len(ids))
+        for prompt_ids, output_ids in [(ids[:cut], ids[cut:]),
+                                       (random_ids(tok, rng, rng.randrange(1, 12)), random_ids(tok, rng, rng.randrange(1, 30)))]:
+            if not tok.decode(prompt_ids).endswith("\ufffd"):
+                num_splits += 1
+                yield prompt_ids, output_ids
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_text_is_what_the_output_adds_to_the_prompt(tokenizer, skip_special_tokens: bool) -> None:
+    """decode(prompt + output) minus decode(prompt), streamed, deferred and through FastDecoder."""
+    rng = random.Random(0)
+    for prompt_ids, ids in random_splits(tokenizer, rng):
+        want = continuation(tokenizer, prompt_ids, ids, skip_special_tokens)
+        for decoder in (tokenizer, FastDecoder(tokenizer)):
+            deltas, _, detok = stream(decoder, ids, prompt_ids, skip_special_tokens=skip_special_tokens)
+            assert "".join(deltas) + detok.finish() == detok.output_text == want, (prompt_ids, ids)
+            final = IncrementalDetokenizer(decoder, prompt_ids, SamplingParams(skip_special_tokens=skip_special_tokens),
+                                           final_only=True)
+            assert final.deferred and all(final.append(t) == ("", None) for t in ids)
+            assert final.finish() == final.output_text == want
+
+
+def test_prompt_ending_in_skipped_special_tokens(tokenizer) -> None:
+    """Context reaches back past special tokens, which decode to nothing when skipped."""
+    prompt_ids = encode(tokenizer, "Hello") + [tokenizer.eos_token_id] * 10
+    ids = encode(tokenizer, " world")
+    deltas, _, detok = stream(tokenizer, ids, prompt_ids)
+    assert "".join(deltas) == detok.output_text == continuation(tokenizer, prompt_ids, ids) == " world"
+
+
+def test_byte_level_text_does_not_depend_on_the_prompt(byte_tok) -> None:
+    """A byte-level decoder is context-free: the same deltas as without a prompt, also after a
+    prompt that ends inside a character (that part of the prompt is not used as context)."""
+    split = encode(byte_tok, "a🚀")[:-1]
+    prompts = [encode(byte_tok, "Hello"), encode(byte_tok, "我们"), split, [byte_tok.eos_token_id]]
+    for text in TEXTS:
+        ids = encode(byte_tok, text)
+        alone, _, _ = stream(byte_tok, ids)
+        for prompt_ids in prompts:
+            deltas, _, detok = stream(FastDecoder(byte_tok), ids, prompt_ids)
+            assert deltas == alone and detok.finish() == "" and detok.output_text == byte_tok.decode(ids)
+
+
+def test_context_costs_only_the_first_step(tokenizer) -> None:
+    """The prompt's tokens are decoded once; every later step decodes what it does without them."""
+
+    def decode_sizes(prompt_ids: list[int]) -> list[int]:
+        sizes: list[int] = []
+
+        class Recording:
+            def decode(self, ids: list[int], **kwargs) -> str:
+                sizes.append(len(ids))
+                return tokenizer.decode(ids, **kwargs)
+
+        ids = encode(tokenizer, "The quick brown fox jumps over the lazy dog.")
+        deltas, _, _ = stream(Recording(), ids, prompt_ids)
+        assert deltas[0]  # the first token came out at once
+        return sizes
+
+    prompt_ids = encode(tokenizer, "Hello world, this is a tiny corpus")
+    alone, primed = decode_sizes([]), decode_sizes(prompt_ids)
+    # with context: one decode choosing it, then the first step decodes it with and without the token
+    assert primed[:3] == [4, 4, 5] and primed[3:] == alone[1:]
 
 
 # ---- stop strings ----------------------------------------------------------------------------------
@@ -218,6 +318,17 @@ def test_earliest_of_several_stop_strings_wins(byte_tok) -> None:
     # a stop string completed on an earlier token wins over a longer one still in progress
     _, stop, detok = stream(byte_tok, ids, stop=["quick brown fox", "brown"])
     assert stop == "brown" and detok.output_text == "The quick "
+
+
+@pytest.mark.parametrize("stop_str", [" THE", "THE END"])
+def test_stop_strings_after_a_prompt(tokenizer, stop_str: str) -> None:
+    prompt_ids, ids = encode(tokenizer, "stop here"), encode(tokenizer, " THE END of the story")
+    want = continuation(tokenizer, prompt_ids, ids)
+    assert want.startswith(" THE END")
+    deltas, stop, detok = stream(tokenizer, ids, prompt_ids, stop=[stop_str])
+    assert stop == stop_str and "".join(deltas) == detok.output_text == want[: want.index(stop_str)]
+    _, _, detok = stream(tokenizer, ids, prompt_ids, stop=[stop_str], include_stop_str_in_output=True)
+    assert detok.output_text == want[: want.index(stop_str) + len(stop_str)]
 
 
 def test_held_back_stop_prefix_released_by_finish(tokenizer) -> None:

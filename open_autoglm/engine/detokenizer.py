@@ -9,11 +9,15 @@ Two things are held back between steps, for two different reasons:
 | text that is a prefix of a stop  | the next tokens may complete the stop string,    | the text stops matching, |
 | string (`_held_text`)            | which must never be partially emitted            | or finish()              |
 
-Text is defined as `tokenizer.decode(output_ids, skip_special_tokens=...)` (Hugging Face semantics,
-what transformers' TextStreamer prints): the concatenation of all deltas plus finish() equals it,
-up to stop-string truncation. In particular a SentencePiece ("▁") tokenizer's decoder drops the
-leading space of the first output token, as decode(output_ids) does; the prompt is not used as
-decoding context (vLLM does, and so keeps that space).
+Text is defined as what the output adds to the prompt's text (vLLM semantics):
+
+    decode(prompt_ids + output_ids)[len(decode(prompt_ids)):]      (skip_special_tokens as requested)
+
+and the concatenation of all deltas plus finish() equals it, up to stop-string truncation. The
+decode starts from the prompt's last few tokens (`_context_ids`), not from the output alone: a
+SentencePiece ("▁") decoder strips the leading space of the first token it sees, so decoding the
+output alone would turn the prompt "Hello" + "▁world" into "world" instead of " world". A
+byte-level BPE decoder is context-free, so for it this is decode(output_ids), as without context.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from __future__ import annotations
 from open_autoglm.sampling_params import SamplingParams
 
 _REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for an incomplete UTF-8 byte sequence
+_NUM_CONTEXT_TOKENS = 4  # prompt tokens decoded before the output (vLLM: 5 to 7)
+_MAX_CONTEXT_TOKENS = 64  # ... or up to this many, to start on a whole character or a kept token
+_MAX_CHAR_BYTES = 4  # a split UTF-8 character leaves at most 3 of its bytes at the prompt's end
 
 
 class IncrementalDetokenizer:
@@ -34,18 +41,19 @@ class IncrementalDetokenizer:
 
         ids:  ... | t_prefix ... t_read-1 | t_read ... t_last |
                     └ already emitted ┘     └ new, pending ┘
+
+    `token_ids` starts with the prompt's last tokens, already "emitted" (prefix_offset 0,
+    read_offset at the prompt's end), so the first window holds them as context; from then on the
+    offsets move as usual and the steps cost what they cost without context.
     """
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
                  final_only: bool = False) -> None:
         self.tokenizer = tokenizer
         self.params = params
-        self.num_prompt_tokens = len(prompt_token_ids)  # kept for callers; text starts at the output
-        self.output_token_ids: list[int] = []
+        self.num_prompt_tokens = len(prompt_token_ids)
         self.output_text = ""  # everything emitted so far (after stop truncation)
         self.stop_reason: str | None = None  # the stop string that ended the output, if any
-        self._prefix_offset = 0
-        self._read_offset = 0
         self._held_text = ""  # decoded text withheld because it may begin a stop string
         self._max_stop_len = max((len(s) for s in params.stop), default=0)
         # The hot path calls the decode function directly: FastDecoder's Rust backend when it has one.
@@ -54,15 +62,42 @@ class IncrementalDetokenizer:
         self._decode_fn = backend.decode if backend is not None else tokenizer.decode
         self._skip_special = params.skip_special_tokens
         self._single = tokenizer.single[self._skip_special] if fast else None  # decode([t]) memo
-        # Nobody reads the deltas and no stop string needs matching: decode once, in finish(), with
-        # decode(output_ids), which is what the deltas concatenate to (module docstring).
+        # The decode window's list: prompt context, then the output (class docstring).
+        self.token_ids = self._context_ids(prompt_token_ids)
+        self.num_context_tokens = len(self.token_ids)
+        self._prefix_offset = 0
+        self._read_offset = self.num_context_tokens
+        # Nobody reads the deltas and no stop string needs matching: decode once, in finish(), the
+        # context and everything after it, which is what the deltas concatenate to.
         self.deferred = final_only and not params.stop
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_context_tokens :]
+
+    def _context_ids(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt's last few tokens, to decode the output after. Their text must start and end
+        on whole characters (a split one reads as U+FFFD, and a byte-fallback decoder turns a whole
+        byte run into U+FFFDs) and not be empty (e.g. special tokens, skipped), unless it is the
+        whole prompt. Runs once per request; most prompts take one decode."""
+        decode = self._decode
+        for end in range(len(prompt_ids), max(len(prompt_ids) - _MAX_CHAR_BYTES, 0), -1):
+            num = _NUM_CONTEXT_TOKENS
+            while True:  # move the start back past split characters and skipped tokens
+                start = max(end - num, 0)
+                text = decode(prompt_ids[start:end])
+                if start == 0 or num >= _MAX_CONTEXT_TOKENS or (text and not text.startswith(_REPLACEMENT_CHAR)):
+                    break
+                num *= 2
+            if not text.endswith(_REPLACEMENT_CHAR):  # else the end splits a character: drop a token
+                return prompt_ids[start:end]
+        return []  # no usable context: decode the output alone
 
     def append(self, token_id: int) -> tuple[str, str | None]:
         """Add one generated token; return (text that is now safe to emit, the stop string matched or None)."""
         if self.stop_reason is not None:
             return "", None  # the output already ended at a stop string
-        self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)
         if self.deferred:
             return "", None
         delta = self._decode_new(final=False)
@@ -76,9 +111,8 @@ class IncrementalDetokenizer:
         """Text still held back, emitted when the request ends for another reason (length, eos, abort)."""
         if self.stop_reason is not None:
             return ""
-        if self.deferred:  # everything was held back
-            self.output_text = self._decode(self.output_token_ids)
-            self._read_offset = len(self.output_token_ids)
+        if self.deferred:  # everything was held back: one window, from the context to the end
+            self.output_text = self._decode_new(final=True)
             return self.output_text
         delta, _ = self._emit(self._decode_new(final=True), final=True)
         return delta
@@ -91,7 +125,7 @@ class IncrementalDetokenizer:
 
         Offsets only move when text comes out, so held tokens stay in the next step's window.
         """
-        ids = self.output_token_ids
+        ids = self.token_ids
         read = self._read_offset
         if read == len(ids):
             return ""
