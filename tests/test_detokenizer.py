@@ -179,7 +179,7 @@ def test_window_stays_small(byte_tok) -> None:
 
 
 @pytest.mark.parametrize("make", [metaspace_bpe, llama_style_bpe])
-@pytest.mark.parametrize("prompt", ["Hello", "我们正在测试中文", "rare 😀"])  # the last two: byte fallback
+@pytest.mark.parametrize("prompt", ["Hello", "我们正在测试中文", "rare 😀"])  # llama_style: 2 end in <0x..>
 def test_first_delta_keeps_its_leading_space(make, prompt: str) -> None:
     tok = make()
     prompt_ids, ids = encode(tok, prompt), encode(tok, " world")
@@ -201,8 +201,8 @@ def random_splits(tok, rng: random.Random):
     while num_splits < 80:
         ids = rng.choice(texts)
         cut = rng.randrange(1, len(ids))
-        for prompt_ids, output_ids in [(ids[:cut], ids[cut:]),
-                                       (random_ids(tok, rng, rng.randrange(1, 12)), random_ids(tok, rng, rng.randrange(1, 30)))]:
+        random_split = random_ids(tok, rng, rng.randrange(1, 12)), random_ids(tok, rng, rng.randrange(1, 30))
+        for prompt_ids, output_ids in [(ids[:cut], ids[cut:]), random_split]:
             if not tok.decode(prompt_ids).endswith("\ufffd"):
                 num_splits += 1
                 yield prompt_ids, output_ids
@@ -217,8 +217,8 @@ def test_text_is_what_the_output_adds_to_the_prompt(tokenizer, skip_special_toke
         for decoder in (tokenizer, FastDecoder(tokenizer)):
             deltas, _, detok = stream(decoder, ids, prompt_ids, skip_special_tokens=skip_special_tokens)
             assert "".join(deltas) + detok.finish() == detok.output_text == want, (prompt_ids, ids)
-            final = IncrementalDetokenizer(decoder, prompt_ids, SamplingParams(skip_special_tokens=skip_special_tokens),
-                                           final_only=True)
+            params = SamplingParams(skip_special_tokens=skip_special_tokens)
+            final = IncrementalDetokenizer(decoder, prompt_ids, params, final_only=True)
             assert final.deferred and all(final.append(t) == ("", None) for t in ids)
             assert final.finish() == final.output_text == want
 

@@ -14,7 +14,7 @@ Text is defined as what the output adds to the prompt's text (vLLM semantics):
     decode(prompt_ids + output_ids)[len(decode(prompt_ids)):]      (skip_special_tokens as requested)
 
 and the concatenation of all deltas plus finish() equals it, up to stop-string truncation. The
-decode starts from the prompt's last few tokens (`_context_ids`), not from the output alone: a
+decode starts from the prompt's last few tokens (`_context`), not from the output alone: a
 SentencePiece ("▁") decoder strips the leading space of the first token it sees, so decoding the
 output alone would turn the prompt "Hello" + "▁world" into "world" instead of " world". A
 byte-level BPE decoder is context-free, so for it this is decode(output_ids), as without context.
@@ -63,7 +63,7 @@ class IncrementalDetokenizer:
         self._skip_special = params.skip_special_tokens
         self._single = tokenizer.single[self._skip_special] if fast else None  # decode([t]) memo
         # The decode window's list: prompt context, then the output (class docstring).
-        self.token_ids = self._context_ids(prompt_token_ids)
+        self.token_ids, self._context_text = self._context(prompt_token_ids)
         self.num_context_tokens = len(self.token_ids)
         self._prefix_offset = 0
         self._read_offset = self.num_context_tokens
@@ -75,23 +75,24 @@ class IncrementalDetokenizer:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_context_tokens :]
 
-    def _context_ids(self, prompt_ids: list[int]) -> list[int]:
-        """The prompt's last few tokens, to decode the output after. Their text must start and end
-        on whole characters (a split one reads as U+FFFD, and a byte-fallback decoder turns a whole
-        byte run into U+FFFDs) and not be empty (e.g. special tokens, skipped), unless it is the
-        whole prompt. Runs once per request; most prompts take one decode."""
+    def _context(self, prompt_ids: list[int]) -> tuple[list[int], str]:
+        """The prompt's last few tokens, to decode the output after, and their text. The text must
+        start and end on whole characters (a split one reads as U+FFFD, and a byte-fallback decoder
+        turns a whole byte run into U+FFFDs) and not be empty (e.g. special tokens, skipped), unless
+        it is the whole prompt. Runs once per request; most prompts take one decode."""
         decode = self._decode
         for end in range(len(prompt_ids), max(len(prompt_ids) - _MAX_CHAR_BYTES, 0), -1):
             num = _NUM_CONTEXT_TOKENS
             while True:  # move the start back past split characters and skipped tokens
                 start = max(end - num, 0)
                 text = decode(prompt_ids[start:end])
-                if start == 0 or num >= _MAX_CONTEXT_TOKENS or (text and not text.startswith(_REPLACEMENT_CHAR)):
+                clean_start = text and not text.startswith(_REPLACEMENT_CHAR)
+                if clean_start or start == 0 or num >= _MAX_CONTEXT_TOKENS:
                     break
                 num *= 2
             if not text.endswith(_REPLACEMENT_CHAR):  # else the end splits a character: drop a token
-                return prompt_ids[start:end]
-        return []  # no usable context: decode the output alone
+                return prompt_ids[start:end], text
+        return [], ""  # no usable context: decode the output alone
 
     def append(self, token_id: int) -> tuple[str, str | None]:
         """Add one generated token; return (text that is now safe to emit, the stop string matched or None)."""
@@ -111,8 +112,9 @@ class IncrementalDetokenizer:
         """Text still held back, emitted when the request ends for another reason (length, eos, abort)."""
         if self.stop_reason is not None:
             return ""
-        if self.deferred:  # everything was held back: one window, from the context to the end
-            self.output_text = self._decode_new(final=True)
+        if self.deferred:  # everything was held back: decode the context and all after it at once
+            self.output_text = self._decode(self.token_ids)[len(self._context_text) :]
+            self._read_offset = len(self.token_ids)
             return self.output_text
         delta, _ = self._emit(self._decode_new(final=True), final=True)
         return delta
