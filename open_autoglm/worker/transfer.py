@@ -50,8 +50,8 @@ def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     the values. To a GPU: returns once the copies are queued on the current stream (like copy_
     from page-locked memory with non_blocking=True); `src` may be freed or changed at once."""
     host = src if dst.device.type == "cuda" else dst
-    if dst.device == src.device or "cuda" not in (dst.device.type, src.device.type) or dst.numel() == 0 \
-            or host.is_pinned():  # no pageable host memory involved: copy_ is already stall-free
+    if dst.device.type == src.device.type or "cuda" not in (dst.device.type, src.device.type) \
+            or dst.numel() == 0 or host.is_pinned():  # no pageable host memory involved: copy_ is stall-free
         dst.copy_(src)
         return
     to_gpu = dst.device.type == "cuda"
