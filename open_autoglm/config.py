@@ -42,6 +42,8 @@ class EngineConfig:
     num_kv_blocks: int | None = _opt(None, "force the number of KV blocks (overrides the sizing above)")
     attention_backend: str = _opt("auto", "attention implementation: triton on GPU, torch reference on CPU", ATTENTION_BACKENDS)
     cuda_graphs: bool = _opt(True, "capture CUDA graphs for decode steps (GPU only)")
+    async_scheduling: str = _opt("auto", "overlap the host's work with the GPU: launch decode step N+1 before reading "
+                                         "step N's tokens (auto: on with CUDA)", ("auto", "on", "off"))
     compile: bool = _opt(False, "reserved for torch.compile of the model; not implemented yet (accepted, no effect): "
                                 "our fused Triton kernels and CUDA graphs cover what it would fuse")
     seed: int = _opt(0, "seed for requests that give none")

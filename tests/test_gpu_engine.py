@@ -55,9 +55,9 @@ def count_graph_replays(llm: LLM) -> dict:
     calls = {"n": 0}
     run = graphs.run
 
-    def counted(host):
+    def counted(host, input_ids=None):
         calls["n"] += 1
-        return run(host)
+        return run(host, input_ids)
 
     graphs.run = counted
     return calls
@@ -245,3 +245,48 @@ def test_rotary_writes_kv_cache():
         if slot >= 0:
             assert torch.equal(flat_k[slot], k[row]) and torch.equal(flat_v[slot], v[row])
     assert torch.isnan(flat_k).any(dim=(1, 2)).sum() == 64 - 4  # nothing else written (slot -1 skipped)
+
+
+@pytest.mark.parametrize("num_prompts", [1, 3])
+def test_pdl_launches_match_plain_launches(num_prompts, monkeypatch, tiny_checkpoint):
+    """Programmatic dependent launch (layers/pdl.py) changes when kernels start, never what they
+    compute: graph and eager logits are bit-identical with it on and off (batch 1 runs the fused
+    GEMVs, batch 3 the cuBLAS path; both chain PDL kernels)."""
+    from open_autoglm.layers.pdl import pdl_enabled
+
+    if not pdl_enabled(torch.device("cuda")):
+        pytest.skip("PDL needs compute capability >= 9.0")
+    path = str(tiny_checkpoint("qwen2"))
+
+    def logits(pdl: str) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setenv("AUTOGLM_PDL", pdl)
+        llm = LLM(model=path, dtype="bfloat16", **FAST)  # graphs captured under this setting
+        host = _decode_batch(llm, mixed_prompts(3)[:num_prompts])
+        return llm.engine.runner.graphs.run(host).clone(), _eager_logits(llm.engine.runner, host)
+
+    (graph_on, eager_on), (graph_off, eager_off) = logits("1"), logits("0")
+    assert torch.equal(graph_on, graph_off) and torch.equal(eager_on, eager_off)
+    assert torch.isfinite(graph_on).all()
+
+
+def test_overlapped_steps_match_synchronous(tiny_checkpoint):
+    """On CUDA decode steps are launched ahead by default (engine/lookahead.py): batch-1 graphs,
+    padded buckets, requests ending at different steps and on a stop token give the synchronous
+    engine's tokens, and every KV block comes back."""
+    path = str(tiny_checkpoint("qwen2"))
+    prompts = mixed_prompts(5)
+    sync = LLM(model=path, dtype="float32", async_scheduling="off", **FAST)
+    reference = greedy_tokens(sync, prompts)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (1, 3, 24, 24, 17, 24, 9, 24, 24, 2)]
+    params[5] = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop_token_ids=[reference[5][7]])
+    overlapped = LLM(model=path, dtype="float32", **FAST)
+    assert overlapped.engine.overlap and not sync.engine.overlap
+    for llm in (sync, overlapped):
+        outs = llm.generate(prompts, params)
+        assert [o.output_token_ids for o in outs] == [r[:len(o.output_token_ids)] for o, r in zip(outs, reference)]
+        stop_at = reference[5].index(reference[5][7]) + 1  # the stop token's first occurrence, kept in the output
+        assert [len(o.output_token_ids) for o in outs] == [1, 3, 24, 24, 17, stop_at, 9, 24, 24, 2]
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    one = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)]
+    assert overlapped.generate([prompts[2]], one)[0].output_token_ids == reference[2]  # batch 1 alone

@@ -249,10 +249,10 @@ def test_recompute_continues_running_requests_on_new_weights(reg):
     v1, v3 = reg.resolve("tiny", "v1"), reg.resolve("tiny", "v3")
     engine = make_engine(v1)
     [rid] = _start_long(engine, 1)
-    prefix = list(engine.requests[rid].output_token_ids)
     report = engine.update_weights(v3, "recompute")
     assert report.status == "done" and report.requests["recomputed"] == 1
     request = engine.requests[rid]
+    prefix = list(request.output_token_ids)  # made by v1 (with overlapped steps, the one in flight too)
     assert request.version == "v3" and request.status == RequestStatus.PREEMPTED and request.num_computed_tokens == 0
     final = _drive(engine)[rid][-1]
     assert final.version == "v3" and final.finish_reason == "length" and final.output_token_ids[:len(prefix)] == prefix

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from open_autoglm.layers.pdl import pdl_enter, pdl_options
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -21,8 +23,9 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_slot, stride_cache_head,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     heads = tl.arange(0, HEADS_PAD)[:, None]  # [Hp, 1]
@@ -56,5 +59,5 @@ def write_kv_cache_triton(
         k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), DIM_PAD=triton.next_power_of_2(head_dim),
-        num_warps=4 if num_kv_heads * head_dim >= 512 else 1,
+        num_warps=4 if num_kv_heads * head_dim >= 512 else 1, **pdl_options(k.device),
     )

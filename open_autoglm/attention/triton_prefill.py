@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from open_autoglm.layers.pdl import pdl_enter, pdl_options
+
 _LOG2E = 1.4426950408889634
 
 
@@ -62,7 +64,9 @@ def _prefill_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     seq = tl.program_id(0)
     # Reversed: the last query blocks see the most keys (causal), so they start first and the
     # short ones fill the tail of the grid (longest-processing-time-first scheduling).
@@ -147,6 +151,6 @@ def paged_prefill(
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         HEAD_DIM=head_dim, DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_options(q.device),
     )
     return out

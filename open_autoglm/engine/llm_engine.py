@@ -1,6 +1,9 @@
-"""The synchronous engine: requests in, one `step()` at a time, RequestOutputs out.
+"""The engine: requests in, one `step()` at a time, RequestOutputs out.
 
     step():  scheduler.schedule() -> runner.execute() -> sampler() -> .tolist() -> finish checks
+
+On CUDA a decode phase runs overlapped (engine/lookahead.py): each step() launches the next step
+before it reads the tokens of the one in flight, and returns that one's outputs.
 
 Everything that changes engine state (adding, aborting, updating weights) happens between steps
 on the thread that calls `step()`.
@@ -18,6 +21,7 @@ from open_autoglm.attention import get_attention_backend
 from open_autoglm.config import EngineConfig
 from open_autoglm.engine.block_manager import BlockManager
 from open_autoglm.engine.detokenizer import FastDecoder, IncrementalDetokenizer
+from open_autoglm.engine.lookahead import InFlight, continuation, launchable
 from open_autoglm.engine.request import Request, RequestOutput, RequestStatus
 from open_autoglm.engine.scheduler import Scheduler, SchedulerOutput
 from open_autoglm.engine.updates import UpdateManager, UpdateReport, UpdateSource  # [updates hook]
@@ -66,6 +70,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.sampler = Sampler(seed=cfg.seed)
+        self.overlap = cfg.async_scheduling == "on" or (cfg.async_scheduling == "auto" and self.device.type == "cuda")
+        self._inflight: InFlight | None = None  # a launched step whose tokens are not read yet
+        self._settled: list[RequestOutput] = []  # outputs of a step finished by settle(), for the next step()
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -161,7 +168,8 @@ class LLMEngine:
         return self._finish_output(request, [], "", [])
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self.updates.has_work()  # [updates hook]
+        return (self.scheduler.has_unfinished() or self._inflight is not None or bool(self._settled)
+                or self.updates.has_work())  # [updates hook]
 
     # -- live weight updates [updates hook]: thin delegations to engine/updates.py ----------------
     def update_weights(self, source: UpdateSource | str | None = None, policy: str = "drain",
@@ -178,13 +186,19 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs = self.updates.before_step()  # [updates hook] weight switches happen here, between steps
+        settled, self._settled = self._settled, []
+        if self._inflight is not None:
+            return settled + self._step_overlapped()
+        outputs = settled + self.updates.before_step()  # [updates hook] weight switches happen here, between steps
         batch = self.scheduler.schedule()
         if batch.is_empty():
             return outputs
         try:
             logits, sampling = self.runner.execute(batch)
             sampled = self.sampler(logits, sampling)
+            if self.overlap and launchable(batch, sampling, sampled.logprobs is not None):
+                self._inflight = InFlight.launch(batch, sampling, sampled.token_ids)
+                return outputs  # its tokens are read by the next step(), after it launches the step after
             token_ids = sampled.token_ids.tolist()  # the one host sync per step
             logprobs = sampled.logprobs_list() if sampled.logprobs is not None else [None] * len(sampling)
         except Exception as e:  # a failed forward ends the requests it carried, not the engine
@@ -192,6 +206,41 @@ class LLMEngine:
             return outputs + self._fail(batch, f"{type(e).__name__}: {e}")
         self.scheduler.update(batch)
         return outputs + self._append_tokens(sampling, token_ids, logprobs)
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Launch the continuation of the step in flight (if it is one), then finish the step in
+        flight: wait for its tokens only, append them, return its outputs (engine/lookahead.py)."""
+        prev, self._inflight = self._inflight, None
+        try:
+            nxt = None if self.updates.has_work() else continuation(self.scheduler, prev)  # [updates hook]
+            if nxt is not None:
+                logits, sampling = self.runner.execute(nxt, input_ids=prev.token_ids)
+                self._inflight = InFlight.launch(nxt, sampling, self.sampler(logits, sampling).token_ids)
+        except Exception as e:  # as in step(): the requests carried end, the engine goes on
+            logger.exception("engine step failed")
+            self._inflight = None
+            return self._fail(prev.live_batch(), f"{type(e).__name__}: {e}")
+        return self._finish_inflight(prev)
+
+    def settle(self) -> None:
+        """Finish the step in flight now; its outputs come with the next step(). For changes that
+        must find every launched step processed (a weight switch preempts or aborts requests)."""
+        if self._inflight is not None:
+            prev, self._inflight = self._inflight, None
+            self._settled += self._finish_inflight(prev)
+
+    def _finish_inflight(self, prev: InFlight) -> list[RequestOutput]:
+        """Read a launched step's tokens (waiting for it alone) and append them. Rows whose request
+        ended, was aborted or was preempted since the launch are dropped."""
+        try:
+            token_ids = prev.tokens()
+        except Exception as e:
+            logger.exception("engine step failed")
+            return self._fail(prev.live_batch(), f"{type(e).__name__}: {e}")
+        if not prev.updated:
+            self.scheduler.update(prev.live_batch())
+        rows = [(r, t) for r, t in zip(prev.requests, token_ids) if r.status is RequestStatus.RUNNING]
+        return self._append_tokens([r for r, _ in rows], [t for _, t in rows], [None] * len(rows))
 
     def _append_tokens(self, requests: list[Request], token_ids: list[int],
                        logprobs: list[dict | None]) -> list[RequestOutput]:

@@ -77,6 +77,7 @@ class SwitchRunner:
 
     def advance(self, sw: Switch) -> None:
         """Engine thread, before a step: keep draining (holding new requests back), or switch now."""
+        self.engine.settle()  # a step launched ahead is processed under the weights it ran with
         sched = self.engine.scheduler
         in_flight = bool(sched.running) or any(r.status == RequestStatus.PREEMPTED for r in sched.waiting)
         if sw.policy == "drain" and in_flight and time.monotonic() < sw.deadline:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from open_autoglm.layers.pdl import pdl_enter, pdl_options
+
 
 @triton.jit
 def _rounded(x, dtype: tl.constexpr):
@@ -30,45 +32,61 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _prologue_x(x_ptr, residual_ptr, norm_w_ptr, residual_out_ptr, cols, col_mask, inv_rms, write_residual,
+                K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, dtype: tl.constexpr):
+    """The slice `cols` of the vector fed to the product (see the table above), fp32."""
+    if PROLOGUE == "silu":
+        g = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
+        xk = _rounded(_rounded(g / (1.0 + tl.exp(-g)), dtype) * u, dtype)
+    else:
+        xk = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if PROLOGUE == "norm":
+            if HAS_RESIDUAL:
+                xk = _rounded(xk + tl.load(residual_ptr + cols, mask=col_mask, other=0.0).to(tl.float32), dtype)
+                tl.store(residual_out_ptr + cols, xk.to(dtype), mask=col_mask & write_residual)
+            nw = tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            xk = _rounded(nw * _rounded(xk * inv_rms, dtype), dtype)
+    return xk
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, residual_ptr, norm_w_ptr, residual_out_ptr, w_ptr, bias_ptr, y_ptr, eps,
     N, K: tl.constexpr, stride_w,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
     dtype = y_ptr.dtype.element_ty
+    # The first weight tile does not depend on the previous kernel: with PDL its load is in
+    # flight while that kernel finishes (layers/pdl.py); x is read only after the wait.
+    cols = tl.arange(0, BLOCK_K)
+    w_first = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
+    pdl_enter(USE_PDL)
     inv_rms = 0.0
     if PROLOGUE == "norm":  # pass 1: mean square of s = x + residual (rounded like the bf16 add)
         sq = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            s = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            c = k0 + tl.arange(0, BLOCK_K)
+            s = tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
-                s = _rounded(s + tl.load(residual_ptr + cols, mask=cols < K, other=0.0).to(tl.float32), dtype)
+                s = _rounded(s + tl.load(residual_ptr + c, mask=c < K, other=0.0).to(tl.float32), dtype)
             sq += s * s
         inv_rms = tl.math.rsqrt(tl.sum(sq, axis=0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    write_residual = pid == 0  # program 0 writes the new residual stream ("norm" with a residual)
+    xk = _prologue_x(x_ptr, residual_ptr, norm_w_ptr, residual_out_ptr, cols, cols < K, inv_rms, write_residual,
+                     K, PROLOGUE, HAS_RESIDUAL, dtype)
+    acc = w_first.to(tl.float32) * xk[None, :]
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        if PROLOGUE == "silu":
-            g = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            u = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
-            xk = _rounded(_rounded(g / (1.0 + tl.exp(-g)), dtype) * u, dtype)
-        else:
-            xk = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            if PROLOGUE == "norm":
-                if HAS_RESIDUAL:
-                    xk = _rounded(xk + tl.load(residual_ptr + cols, mask=col_mask, other=0.0).to(tl.float32), dtype)
-                if HAS_RESIDUAL:  # program 0 writes the new residual stream
-                    tl.store(residual_out_ptr + cols, xk.to(dtype), mask=col_mask & (pid == 0))
-                nw = tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                xk = _rounded(nw * _rounded(xk * inv_rms, dtype), dtype)
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        xk = _prologue_x(x_ptr, residual_ptr, norm_w_ptr, residual_out_ptr, cols, col_mask, inv_rms, write_residual,
+                         K, PROLOGUE, HAS_RESIDUAL, dtype)
+        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * xk[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -110,6 +128,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         residual_out if residual_out is not None else x, weight, bias if bias is not None else weight, y, eps,
         n, k, weight.stride(0),
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, num_warps=num_warps, **pdl_options(x.device),
     )
     return y, residual_out

@@ -21,13 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
+from open_autoglm.layers.pdl import pdl_enter, pdl_options
+
 
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, eps,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -57,13 +60,15 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     _add_rms_norm_kernel[(num_tokens,)](
         x, r, weight, out, residual_out, x.stride(0), r.stride(0), out.stride(0), residual_out.stride(0), eps,
         HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
-        num_warps=max(1, min(16, block // 256)),
+        num_warps=max(1, min(16, block // 256)), **pdl_options(x.device),
     )
     return out, residual_out
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
@@ -84,7 +89,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     assert x.stride(1) == 1
     block = min(1024, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(inter, block))](
-        x, out, x.stride(0), out.stride(0), INTER=inter, BLOCK=block, num_warps=4)
+        x, out, x.stride(0), out.stride(0), INTER=inter, BLOCK=block, num_warps=4, **pdl_options(x.device))
     return out
 
 
@@ -112,7 +117,9 @@ def _rotary_kernel(
     v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_vt, stride_vh, stride_cache_slot, stride_cache_head,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
     INTERLEAVED: tl.constexpr, WRITE_KV: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + row).to(tl.int64)
     i = tl.arange(0, HALF_PAD)
@@ -164,5 +171,5 @@ def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
         k_cache.stride(1) if write_kv else 0, k_cache.stride(2) if write_kv else 0,
         HALF=half, HALF_PAD=triton.next_power_of_2(half), Q_HEADS_PAD=triton.next_power_of_2(num_heads),
         K_HEADS_PAD=triton.next_power_of_2(k.shape[1]), INTERLEAVED=interleaved, WRITE_KV=write_kv,
-        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4, **pdl_options(q.device),
     )

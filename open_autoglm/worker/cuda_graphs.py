@@ -105,8 +105,9 @@ class DecodeGraphs:
     def can_run(self, h: HostInputs) -> bool:
         return h.is_decode_only and h.num_seqs <= self.buckets[-1]
 
-    def run(self, h: HostInputs) -> torch.Tensor:
-        """Float32 logits [S, V] of a decode step (S = rows that sample, usually all B)."""
+    def run(self, h: HostInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits [S, V] of a decode step (S = rows that sample, usually all B); input_ids
+        [B] on the device replace the host's ids (a step launched before its ids reached the host)."""
         batch = h.num_seqs
         bucket = next(b for b in self.buckets if b >= batch)
         host64 = torch.zeros(4 * _even(bucket), dtype=torch.long, pin_memory=True)
@@ -117,6 +118,8 @@ class DecodeGraphs:
         a[2, batch:bucket] = -1
         a[3, :batch] = h.seq_lens
         self.static64[:4 * _even(bucket)].copy_(host64, non_blocking=True)
+        if input_ids is not None:
+            self.static64[:batch].copy_(input_ids)
         self._upload_tables(bucket, h.block_tables)
         self.graphs[bucket].replay()
         logits = self.outputs[bucket]

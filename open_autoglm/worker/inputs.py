@@ -156,7 +156,9 @@ def build_host_inputs(batch: SchedulerOutput, block_size: int, tables: BlockTabl
         prompt, output = request.prompt_token_ids, request.output_token_ids
         num_prompt = len(prompt)
         if num_new == 1:  # the decode row: no slicing, no ranges
-            ids.append(prompt[start] if start < num_prompt else output[start - num_prompt])
+            i = start - num_prompt
+            # i == len(output): a step launched ahead (engine/lookahead.py); its id comes from the device
+            ids.append(prompt[start] if i < 0 else output[i] if i < len(output) else 0)
             positions.append(start)
             slots.append(request.block_ids[start // block_size] * block_size + start % block_size)
         else:
@@ -168,7 +170,7 @@ def build_host_inputs(batch: SchedulerOutput, block_size: int, tables: BlockTabl
             max_query_len = num_new
         query_start.append(total)
         seq_lens.append(end)
-        if end == num_prompt + len(output):  # reaches its newest token: sample the next one
+        if end >= num_prompt + len(output):  # reaches its newest token: sample the next one
             logits_indices.append(total - 1)
             sampling.append(request)
     block_tables = tables.gather(requests)

@@ -97,12 +97,15 @@ class ModelRunner:
 
     # -- the step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
-        """Float32 logits [S, V] of the rows that sample, and their requests."""
+    def execute(self, batch: SchedulerOutput, input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Request]]:
+        """Float32 logits [S, V] of the rows that sample, and their requests. input_ids: a decode
+        batch's ids already on the device (the previous step's samples, engine/lookahead.py)."""
         host = build_host_inputs(batch, self.block_size, self.block_tables)
         if self.graphs is not None and self.graphs.can_run(host):
-            return self.graphs.run(host), host.sampling
+            return self.graphs.run(host, input_ids), host.sampling
         inputs = self._to_device(host)
+        if input_ids is not None:
+            inputs.input_ids.copy_(input_ids)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float(), host.sampling
 
