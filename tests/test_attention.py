@@ -173,6 +173,15 @@ def test_decode_num_splits():
 # ---------------------------------------------------------------- GPU: Triton kernels vs reference
 
 gpu = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    """The 8k-token references take several GiB; under `pytest -n 4` the workers share one GPU, so
+    each test hands its cached blocks back instead of keeping them for its worker."""
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 DEVICE = "cuda"  # a developer may point this at "cpu" under TRITON_INTERPRET=1 (fp32/fp16 only)
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 # (num_heads, num_kv_heads, head_dim): Qwen2.5-1.5B, Llama-3-8B, MHA d64, MQA d64, GQA 7 d128
