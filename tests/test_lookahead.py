@@ -134,3 +134,17 @@ def test_abort_and_arrival_while_a_step_is_in_flight(engines):
 def test_default_is_off_on_cpu(tiny_checkpoint):
     engine = LLMEngine(model=str(tiny_checkpoint("qwen2")), device="cpu")
     assert engine.config.async_scheduling == "auto" and not engine.overlap
+
+
+def test_out_of_blocks_falls_back_to_the_scheduler(tiny_checkpoint, monkeypatch):
+    """A cache too small for every request: a continuation that cannot get its next block is not
+    launched; the scheduler preempts as usual and every request still ends with its tokens."""
+    path = str(tiny_checkpoint("qwen2"))
+    small = {mode: LLMEngine(model=path, device="cpu", async_scheduling=mode, max_num_seqs=8, num_kv_blocks=10)
+             for mode in ("off", "on")}
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    todo = [(p, greedy) for p in prompts(4, seed=5)]
+    launches = Launches(small["on"], monkeypatch)
+    results = same_results(small, todo)
+    assert all(len(r[0]) == 40 for r in results)
+    assert small["on"].scheduler.num_preemptions > 0 and launches.n > 0

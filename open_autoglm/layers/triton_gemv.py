@@ -94,21 +94,28 @@ def _gemv_kernel(
     tl.store(y_ptr + rows, y.to(dtype), mask=row_mask)
 
 
-def default_config(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) from benchmarks/gemv_gpu.py on an H100 (run 3 in benchmarks/NOTES-gpu.md):
-    short rows (K <= 2048, Qwen2.5-1.5B) want more, thinner programs (4 rows); K = 4096 rows
-    (Llama-3.1-8B) 8 rows, 1024-wide steps; the long down_proj rows 512-wide steps for 14336."""
+def default_config(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps). Qwen2.5-1.5B shapes (K = 1536 rows, and down's 8960) from
+    benchmarks/gemv_chain_gpu.py: all 28 layers' projections in one CUDA graph with PDL, one
+    projection's config varied at a time (session 3, H100): whole-row tiles for the small ones,
+    8-row programs for gate_up, 2048-wide steps with 8 warps for down. Llama-3.1-8B shapes
+    (K = 4096, 14336) from benchmarks/gemv_gpu.py (run 3): 8 rows, 1024-wide steps, 512 for 14336.
+    The 151936-row lm_head keeps 4 rows x 512."""
     if k <= 2048:
-        return 4, 512
+        if n <= 4096:
+            return 8, 2048, 4
+        return (8, 512, 4) if n <= 32768 else (4, 512, 4)
     if k <= 4096:
-        return 8, 1024
-    return (4 if n <= 2048 else 8), (1024 if k <= 10240 else 512)
+        return 8, 1024, 4
+    if n <= 2048:
+        return 4, 2048, 8
+    return 8, (1024 if k <= 10240 else 512), 4
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, prologue: str = "plain",
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
          block_n: int | None = None, block_k: int | None = None,
-         num_warps: int = 4, num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor | None]:
+         num_warps: int | None = None, num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [1, K'] (K' = 2K for "silu"); weight [N, K]. Returns (y [1, N], new residual or None).
 
     "norm": y = (rmsnorm(x + residual) * norm_weight) @ W.T, new residual = x + residual
@@ -116,8 +123,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert x.shape[0] == 1 and x.is_contiguous() and weight.stride(1) == 1
     n, k = weight.shape
     assert x.shape[1] == (2 * k if prologue == "silu" else k), (x.shape, weight.shape, prologue)
-    if block_n is None or block_k is None:
-        block_n, block_k = default_config(n, k)
+    if block_n is None or block_k is None or num_warps is None:
+        default_n, default_k, default_warps = default_config(n, k)
+        block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     residual_out = None
     if prologue == "norm":
