@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from open_autoglm.bench.update import make_variant
+from open_autoglm.bench.update import make_variant, prepare_versions
 from open_autoglm.bench.update_report import check_targets, format_table, latency_windows
-from open_autoglm.registry import compute_manifest, diff_manifests
+from open_autoglm.registry import Registry, RegistryError, compute_manifest, diff_manifests
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.3])
@@ -22,6 +22,16 @@ def test_make_variant_changes_about_fraction_of_the_bytes(tiny_checkpoint, tmp_p
     smallest = min(t.nbytes for t in compute_manifest(src).tensors.values())
     assert diff.changed_nbytes <= max(fraction * diff.total_nbytes, smallest)
     assert make_variant(src, tmp_path / "again", fraction, seed=3) == changed  # seeded
+
+
+def test_prepare_versions_reuses_a_registry_of_the_same_weights(tiny_checkpoint, tmp_path):
+    root = tmp_path / "registry"
+    events = prepare_versions(tiny_checkpoint("llama"), root, "bench-tiny")
+    before = [m.manifest_hash for m in Registry(root).list_versions("bench-tiny")]
+    assert prepare_versions(tiny_checkpoint("llama"), root, "bench-tiny") == events  # a second run
+    assert [m.manifest_hash for m in Registry(root).list_versions("bench-tiny")] == before
+    with pytest.raises(RegistryError, match="other weights"):
+        prepare_versions(tiny_checkpoint("qwen2"), root, "bench-tiny")
 
 
 def _result(start, ttft, chunks, ok=True):

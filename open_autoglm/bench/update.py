@@ -71,10 +71,20 @@ def make_variant(src_folder: str | Path, dst_folder: str | Path, fraction: float
 
 
 def prepare_versions(base: Path, registry_root: Path, name: str, seed: int = 0) -> dict[str, str]:
-    """Publish v1..v4 (see the module docstring); returns event label -> target version."""
-    from open_autoglm.registry import Registry
+    """Publish v1..v4 (see the module docstring); returns event label -> target version. A registry
+    that already holds all four, made from the same weights (an earlier run), is reused."""
+    from open_autoglm.registry import Registry, RegistryError
+    from open_autoglm.registry.manifest import compute_manifest
 
     reg = Registry(registry_root)
+    events = {"full swap": "v2", "delta 1%": "v3", "delta 10%": "v4", "rollback": "v3"}
+    if name in reg.names():
+        have = {m.version: m for m in reg.list_versions(name)}
+        if {"v1", "v2", "v3", "v4"} <= have.keys() and have["v1"].tensors == compute_manifest(base).tensors:
+            print(f"reusing the versions of {name} in {registry_root}", file=sys.stderr)
+            return events
+        raise RegistryError(f"{registry_root} already holds {name!r} (versions {', '.join(sorted(have))}) made from "
+                            f"other weights or by an unfinished run: pass an empty --registry folder")
     work = registry_root / ".variants"
     reg.publish(name, base, version="v1")
     steps = (("v2", "v1", 1.0), ("v3", "v2", 0.01), ("v4", "v3", 0.10))
@@ -82,7 +92,7 @@ def prepare_versions(base: Path, registry_root: Path, name: str, seed: int = 0) 
         make_variant(reg.resolve(name, parent), work / version, fraction, seed=seed + i)
         reg.publish(name, work / version, version=version, parent=parent, metrics={"variant_fraction": fraction})
         shutil.rmtree(work / version)
-    return {"full swap": "v2", "delta 1%": "v3", "delta 10%": "v4", "rollback": "v3"}
+    return events
 
 
 # -- a server of our own ---------------------------------------------------------------------------------
