@@ -10,8 +10,8 @@ launch and scheduling overlap the previous kernel's tail (NVIDIA, CUDA C++ Progr
 The contract every kernel here keeps, which makes this safe:
   * it calls `pdl_enter(USE_PDL)` before it reads anything an earlier kernel may write
     (activations, the KV cache) and before its first store; griddepcontrol.wait returns only when
-    the previous kernel has completed and its writes are visible. Reads of weights (never written
-    by kernels) and of host-uploaded step inputs may come first.
+    the previous kernel has completed and its writes are visible. Only weights (never written
+    while a step runs: a live update copies between steps) are read before it.
   * so a kernel completes only after its predecessor did, and the order of the whole chain is
     the stream's order, whichever kernels (PDL or not, ours or torch's) sit between.
 Kernels launched without PDL (torch, cuBLAS) wait for full completion as always.
