@@ -148,3 +148,19 @@ def test_out_of_blocks_falls_back_to_the_scheduler(tiny_checkpoint, monkeypatch)
     results = same_results(small, todo)
     assert all(len(r[0]) == 40 for r in results)
     assert small["on"].scheduler.num_preemptions > 0 and launches.n > 0
+
+
+def test_final_only_requests(engines):
+    """LLM.generate's requests (one output each, text decoded once at the end) overlap too."""
+    todo = [(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p, n in zip(prompts(3, seed=6), [4, 11, 19])]
+    finals = {}
+    for mode, engine in engines.items():
+        ids = [engine.add_request(p, sp, final_only=True) for p, sp in todo]
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        assert all(o.finished for o in outs) and sorted(o.request_id for o in outs) == sorted(ids)
+        by_id = {o.request_id: o for o in outs}
+        finals[mode] = [(by_id[i].output_token_ids, by_id[i].text, by_id[i].new_token_ids) for i in ids]
+    assert finals["on"] == finals["off"]
+    assert [len(t) for t, _, _ in finals["on"]] == [4, 11, 19]
