@@ -16,7 +16,7 @@ The contract every kernel here keeps, which makes this safe:
     the stream's order, whichever kernels (PDL or not, ours or torch's) sit between.
 Kernels launched without PDL (torch, cuBLAS) wait for full completion as always.
 
-Off on CPU, under TRITON_INTERPRET, before compute capability 9.0, and with AUTOGLM_PDL=0.
+Off on CPU, under TRITON_INTERPRET, before compute capability 9.0 or CUDA 12.3, and with AUTOGLM_PDL=0.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def pdl_enter(USE_PDL: tl.constexpr):
 
 @functools.cache
 def _device_supports(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    # Programmatic edges in captured CUDA graphs need CUDA 12.3 or newer.
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return torch.cuda.get_device_capability(index)[0] >= 9 and cuda >= (12, 3)
 
 
 def pdl_enabled(device: torch.device) -> bool:
