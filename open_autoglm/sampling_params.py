@@ -68,6 +68,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalty(self) -> bool:
+        """Repetition / presence / frequency penalty: sampling reads the tokens so far."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 class SamplingParamsError(ValueError):
     """A sampling field has an invalid value; `field` names it."""

@@ -69,12 +69,7 @@ def launchable(batch: SchedulerOutput, sampling: list[Request], has_logprobs: bo
         return False
     if any(n != 1 for _, n in batch.scheduled):
         return False
-    return all(not _reads_history(r) for r in sampling)
-
-
-def _reads_history(request: Request) -> bool:
-    p = request.sampling_params
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    return not any(r.sampling_params.has_penalty for r in sampling)
 
 
 def continuation(scheduler: Scheduler, prev: InFlight) -> SchedulerOutput | None:

@@ -90,7 +90,7 @@ class Sampler:
         # SamplingParams objects (LLM.generate passes one for all), so this is O(1) per step, not O(B).
         distinct = {id(p): p for p in params}.values()
         logits = logits.float()  # out-of-place ops below never modify the caller's tensor
-        if all(p.greedy and not _has_penalty(p) for p in distinct):
+        if all(p.greedy and not p.has_penalty for p in distinct):
             token_ids = logits.argmax(dim=-1)  # fast path: no parameter upload at all
         else:
             token_ids = self._sample(logits, requests, list(distinct))
@@ -108,7 +108,7 @@ class Sampler:
     ) -> torch.Tensor:
         """`params`: the batch's distinct settings (batch-wide checks); per-row ones go in the table."""
         table = _param_table(requests, logits.device)
-        if any(_has_penalty(p) for p in params):
+        if any(p.has_penalty for p in params):
             logits = _penalize(logits, requests, table)
         if all(p.greedy for p in params):
             return logits.argmax(dim=-1)
@@ -148,10 +148,6 @@ class Sampler:
         return noise
 
 
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
 def _param_table(requests: list[Request], device: torch.device) -> torch.Tensor:
     """[B, 8] float32 of per-row settings (columns named by the _* constants): one upload.
 
@@ -189,7 +185,7 @@ def _penalize(logits: torch.Tensor, requests: list[Request], table: torch.Tensor
         p = req.sampling_params
         if p.repetition_penalty != 1.0:
             segments.append((req.output_token_ids, req.prompt_token_ids))
-        elif _has_penalty(p):
+        elif p.has_penalty:
             segments.append((req.output_token_ids,))
         else:
             segments.append(())
